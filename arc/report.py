@@ -1,0 +1,440 @@
+"""The visual report of an evaluation: one self-contained HTML file (inline SVG grids, CSS, no
+JavaScript, no external assets) that a person opens in a browser to see what was solved and how
+the rest went wrong.
+
+The ``results`` dict it reads is what eval.py writes to results.json; :func:`build_results` makes
+it from a :class:`arc.score.ScoreReport` plus the voting info of :func:`arc.vote.two_attempts`::
+
+    {
+      "score": float,               # official ARC Prize score (pass@2), mean over scored tasks
+      "pass_at_1": float,           # the same with attempt_1 only
+      "tasks_solved": int,          # scored tasks with every test input solved
+      "tasks_scored": int,
+      "test_inputs_solved": int,
+      "test_inputs": int,           # over scored tasks
+      "unscored": [task_id, ...],   # tasks with an unknown test output
+      "warnings": [str, ...],       # what was wrong with the submission
+      "checkpoint": str,
+      "settings": {str: JSON value},
+      ...                           # anything else the caller adds (timings, device)
+      "tasks": {
+        task_id: {
+          "score": float | None,    # None: unscored
+          "pass_at_1": float | None,
+          "tests": [                # one per test input, in order
+            {
+              "attempt_1": grid | None,          # list of rows; None if the attempt was malformed
+              "attempt_2": grid | None,
+              "attempt_reasons": [str|None, str|None],  # why an attempt is not a grid
+              "correct": [bool, bool] | None,    # per attempt; None without the truth
+              "shape_ok": [bool, bool] | None,   # per attempt: has the truth's shape
+              "votes": [int, ...],               # vote count of each distinct grid, best first
+              "candidates": int | None,          # predictions voted over
+              "malformed": [{"view": str, "reason": str}, ...],  # predictions that were not grids
+              "ballots": [{"votes", "mean_logprob", "shape", "views"}, ...],
+              "placeholder": bool,               # no prediction was a grid: attempts are [[0]]
+            }, ...
+          ]
+        }, ...
+      }
+    }
+
+Only ``score``/``tasks`` and, per test, ``attempt_1``/``attempt_2``/``correct`` are needed by
+:func:`write_report`; every other key is optional. Tasks are shown solved first, then partially
+solved, then wrong with the right output shape, then wrong shape, then unscored; by id within
+each group.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+from collections import Counter
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from arc.data import Task
+from arc.score import ScoreReport, atomic_write_text, grid_to_list, parse_grid
+
+# The standard ARC palette, colour 0..9.
+PALETTE = (
+    "#000000",  # 0 black
+    "#0074D9",  # 1 blue
+    "#FF4136",  # 2 red
+    "#2ECC40",  # 3 green
+    "#FFDC00",  # 4 yellow
+    "#AAAAAA",  # 5 grey
+    "#F012BE",  # 6 magenta
+    "#FF851B",  # 7 orange
+    "#7FDBFF",  # 8 light blue
+    "#870C25",  # 9 maroon
+)
+CATEGORIES = ("solved", "partial", "right shape", "wrong shape", "unscored")
+MAX_DISPLAY_PX = 300  # a grid is drawn at most this wide/high: 30x30 grids get smaller cells
+MAX_LISTED = 200  # warnings / malformed reasons listed before "... and N more"
+
+_RESULT_KEYS = (
+    "score", "pass_at_1", "tasks_solved", "tasks_scored", "test_inputs_solved", "test_inputs",
+    "unscored", "warnings", "checkpoint", "settings", "tasks",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+
+
+def build_results(
+    score: ScoreReport,
+    votes: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    /,
+    *,
+    checkpoint: str = "",
+    settings: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The results dict (schema in the module docstring) from a score report and, per task, the
+    ``info`` of :func:`arc.vote.two_attempts` for each test input (``votes[task_id][i]``).
+    ``extra`` keys (e.g. ``seconds=...``) are added at the top level."""
+    clash = sorted(set(extra) & set(_RESULT_KEYS))
+    if clash:
+        raise ValueError(f"extra results keys {clash} would overwrite the standard ones")
+    votes = votes or {}
+    tasks: dict[str, Any] = {}
+    for task_id, ts in score.tasks.items():
+        infos = votes.get(task_id, [])
+        tests = []
+        for t in ts.tests:
+            info = infos[t.index] if t.index < len(infos) else {}
+            tests.append(
+                {
+                    "attempt_1": None if t.attempts[0] is None else grid_to_list(t.attempts[0]),
+                    "attempt_2": None if t.attempts[1] is None else grid_to_list(t.attempts[1]),
+                    "attempt_reasons": list(t.reasons),
+                    "correct": None if t.correct is None else list(t.correct),
+                    "shape_ok": None if t.shape_ok is None else list(t.shape_ok),
+                    "votes": list(info.get("votes", [])),
+                    "candidates": info.get("candidates"),
+                    "malformed": list(info.get("malformed", [])),
+                    "ballots": list(info.get("ballots", [])),
+                    "placeholder": bool(info.get("placeholder", False)),
+                }
+            )
+        tasks[task_id] = {"score": ts.score, "pass_at_1": ts.pass_at_1, "tests": tests}
+    return {
+        "score": score.score,
+        "pass_at_1": score.pass_at_1,
+        "tasks_solved": score.tasks_solved,
+        "tasks_scored": score.tasks_scored,
+        "test_inputs_solved": score.test_inputs_solved,
+        "test_inputs": score.test_inputs,
+        "unscored": list(score.unscored),
+        "warnings": list(score.warnings),
+        "checkpoint": checkpoint,
+        "settings": dict(settings or {}),
+        **extra,
+        "tasks": tasks,
+    }
+
+
+def task_category(entry: Mapping[str, Any], task: Task | None = None) -> str:
+    """One of CATEGORIES for a task's results entry. "right shape" means some attempt of some test
+    input has the true output's shape (from ``shape_ok``, or worked out from ``task``)."""
+    score = entry.get("score")
+    if score is None:
+        return "unscored"
+    if score >= 1.0:
+        return "solved"
+    if score > 0.0:
+        return "partial"
+    for i, test in enumerate(entry.get("tests", [])):
+        shape_ok = test.get("shape_ok")
+        if shape_ok is None and task is not None and i < len(task.test) and task.test[i].output is not None:
+            truth_shape = task.test[i].output.shape
+            grids = [parse_grid(test.get(k))[0] for k in ("attempt_1", "attempt_2")]
+            shape_ok = [g is not None and g.shape == truth_shape for g in grids]
+        if shape_ok and any(shape_ok):
+            return "right shape"
+    return "wrong shape"
+
+
+# ----------------------------------------------------------------------------------------------
+# grids
+
+
+def grid_svg(grid: np.ndarray | Sequence[Sequence[int]], cell: int = 12) -> str:
+    """An inline SVG of a grid in the ARC palette with thin grid lines, ``cell`` pixels a cell.
+
+    The most common colour is one background rectangle; every other colour is one path with a
+    rectangle per horizontal run of it, which keeps a report of hundreds of tasks small.
+    """
+    arr = np.asarray(grid)
+    if arr.ndim != 2 or arr.size == 0:
+        raise ValueError(f"grid_svg needs a non-empty 2-D grid, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= len(PALETTE):
+        raise ValueError(f"grid_svg needs colours 0..{len(PALETTE) - 1}")
+    h, w = arr.shape
+    width, height = w * cell, h * cell
+    background = int(np.bincount(arr.ravel(), minlength=len(PALETTE)).argmax())
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="grid" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" shape-rendering="crispEdges" role="img" aria-label="{h}x{w} grid">',
+        f'<rect width="{width}" height="{height}" fill="{PALETTE[background]}"/>',
+    ]
+    runs: dict[int, list[str]] = {}  # colour -> one closed sub-path per horizontal run
+    for r in range(h):
+        row = arr[r]
+        c = 0
+        while c < w:
+            end = c + 1
+            while end < w and row[end] == row[c]:
+                end += 1
+            if row[c] != background:
+                run = (end - c) * cell
+                runs.setdefault(int(row[c]), []).append(f"M{c * cell} {r * cell}h{run}v{cell}h-{run}z")
+            c = end
+    parts += [f'<path fill="{PALETTE[colour]}" d="{"".join(d)}"/>' for colour, d in sorted(runs.items())]
+    lines = "".join(f"M{c * cell} 0V{height}" for c in range(1, w)) + "".join(f"M0 {r * cell}H{width}" for r in range(1, h))
+    if lines:
+        parts.append(f'<path d="{lines}" stroke="#555" stroke-width="{1 if cell >= 8 else 0.5}" fill="none"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _figure(label: str, grid: Any, cell: int, css: str = "", note: str = "") -> str:
+    """A labelled grid with its size underneath, or a placeholder box saying why there is none."""
+    arr, reason = (None, "none") if grid is None else parse_grid(grid)
+    if arr is not None:
+        size = max(arr.shape)
+        body = grid_svg(arr, max(2, min(cell, MAX_DISPLAY_PX // size)))
+        caption = f"{arr.shape[0]}x{arr.shape[1]}"
+    else:
+        body = f'<div class="nogrid">no grid<br>{_esc(note or reason)}</div>'
+        caption = "&nbsp;"
+    klass = f' class="{css}"' if css else ""
+    return (
+        f'<figure{klass}><div class="label">{label}</div>{body}'
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# the page
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{margin:0 0 12px}
+table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top;font-size:14px}
+th{background:#eee}
+table.stats td:first-child{font-weight:600}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.swatch{display:inline-block;width:22px;height:22px;margin-right:3px;border:1px solid #555;
+  color:#fff;font-size:11px;text-align:center;line-height:22px;text-shadow:0 0 2px #000}
+tr.solved td.cat{background:#d8f5d8}
+tr.partial td.cat{background:#fff1c2}
+tr.right-shape td.cat,tr.wrong-shape td.cat{background:#fbdcdc}
+tr.unscored td.cat{background:#eee}
+section.task{background:#fff;border:1px solid #ccc;border-radius:6px;margin:18px 0;padding:8px 14px}
+section.task h3{margin:4px 0}
+.row{display:flex;flex-wrap:wrap;align-items:flex-start;gap:6px 14px;margin:6px 0}
+.pair{display:flex;align-items:center;gap:6px;padding:4px;border:1px solid #eee}
+.arrow{font-size:22px;color:#777}
+figure{margin:0;text-align:center}
+figure .label{font-size:12px;color:#333;margin-bottom:2px}
+figcaption{font-size:12px;color:#666;margin-top:2px}
+svg.grid{display:block;margin:auto;outline:1px solid #555}
+figure.attempt{padding:3px;border:4px solid #bbb;border-radius:4px}
+figure.correct{border-color:#1f9d3a}
+figure.wrong{border-color:#d8262e}
+figure.unknown{border-style:dashed}
+.nogrid{width:90px;min-height:60px;padding:6px;font-size:11px;color:#900;background:#f4f4f4;
+  border:1px dashed #999;overflow-wrap:anywhere}
+.ok{color:#1f9d3a;font-weight:600}
+.bad{color:#d8262e;font-weight:600}
+.meta{font-size:13px;color:#444;margin:2px 0}
+details{margin:4px 0;font-size:13px}
+"""
+
+
+def _fmt_score(x: Any) -> str:
+    return "–" if x is None else f"{float(x):.3f}"
+
+
+def _mark(correct: Any) -> str:
+    if correct is None:
+        return '<span title="no truth">?</span>'
+    return '<span class="ok">✓</span>' if any(correct) else '<span class="bad">✗</span>'
+
+
+def _header(results: Mapping[str, Any], n_tasks: int) -> list[str]:
+    score = results.get("score")
+    out = ["<h1>ARC evaluation report</h1>", '<table class="stats">']
+    rows = [
+        ("score (official, pass@2)", "–" if score is None else f"{score:.4f} ({100 * score:.1f}%)"),
+        ("pass@1", _fmt_score(results.get("pass_at_1"))),
+        ("tasks fully solved", f"{results.get('tasks_solved', '–')} / {results.get('tasks_scored', n_tasks)}"),
+        ("test inputs solved", f"{results.get('test_inputs_solved', '–')} / {results.get('test_inputs', '–')}"),
+        ("tasks in report", str(n_tasks) + (f" ({len(results['unscored'])} unscored)" if results.get("unscored") else "")),
+        ("checkpoint", results.get("checkpoint") or "–"),
+    ]
+    out += [f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows]
+    out.append("</table>")
+    settings = results.get("settings") or {}
+    if settings:
+        out.append("<h2>Settings</h2><table class=\"settings\">")
+        for k, v in settings.items():
+            out.append(f"<tr><td>{_esc(k)}</td><td><code>{_esc(json.dumps(v, default=str))}</code></td></tr>")
+        out.append("</table>")
+    swatches = "".join(f'<span class="swatch" style="background:{c}">{i}</span>' for i, c in enumerate(PALETTE))
+    out.append(f'<p class="meta">palette: {swatches}</p>')
+    warnings = results.get("warnings") or []
+    if warnings:
+        out.append(f"<details><summary>{len(warnings)} submission warnings</summary><ul>")
+        out += [f"<li>{_esc(w)}</li>" for w in warnings[:MAX_LISTED]]
+        if len(warnings) > MAX_LISTED:
+            out.append(f"<li>… and {len(warnings) - MAX_LISTED} more</li>")
+        out.append("</ul></details>")
+    return out
+
+
+def _votes_text(test: Mapping[str, Any], top: int = 3) -> str:
+    votes = list(test.get("votes") or [])
+    if not votes:
+        return "–"
+    shown = "·".join(str(v) for v in votes[:top])
+    return shown + ("·…" if len(votes) > top else "")
+
+
+def _summary(order: list[tuple[str, str]], results_tasks: Mapping[str, Any], anchors: dict[str, str]) -> list[str]:
+    out = [
+        "<h2>Tasks</h2>",
+        '<table class="summary"><tr><th>#</th><th>task</th><th>result</th><th>score</th>'
+        "<th>test inputs: ✓/✗ and votes of the top candidates</th></tr>",
+    ]
+    for n, (task_id, category) in enumerate(order, start=1):
+        entry = results_tasks[task_id]
+        name = _esc(task_id)
+        link = f'<a href="#{anchors[task_id]}">{name}</a>' if task_id in anchors else name
+        tests = " &nbsp;|&nbsp; ".join(
+            f"{_mark(t.get('correct'))} {_esc(_votes_text(t))}" for t in entry.get("tests", [])
+        )
+        out.append(
+            f'<tr class="{category.replace(" ", "-")}"><td class="num">{n}</td><td>{link}</td>'
+            f'<td class="cat">{_esc(category)}</td><td class="num">{_fmt_score(entry.get("score"))}</td><td>{tests}</td></tr>'
+        )
+    out.append("</table>")
+    return out
+
+
+def _malformed_html(malformed: Sequence[Any]) -> str:
+    reasons: Counter[str] = Counter()
+    views: dict[str, list[str]] = {}
+    for m in malformed:
+        if isinstance(m, Mapping):
+            reason, view = str(m.get("reason")), str(m.get("view", ""))
+        else:
+            reason, view = str(m), ""
+        reasons[reason] += 1
+        if view:
+            views.setdefault(reason, []).append(view)
+    items = []
+    for reason, count in reasons.most_common(MAX_LISTED):
+        vs = views.get(reason, [])
+        seen = f" (views: {', '.join(vs[:8])}{', …' if len(vs) > 8 else ''})" if vs else ""
+        items.append(f"<li>{count}× {_esc(reason)}{_esc(seen)}</li>")
+    return f"<details><summary>{len(malformed)} malformed predictions</summary><ul>{''.join(items)}</ul></details>"
+
+
+def _task_section(task_id: str, anchor: str, category: str, entry: Mapping[str, Any], task: Task | None, cell: int) -> list[str]:
+    out = [
+        f'<section class="task" id="{anchor}" data-task="{_esc(task_id)}" data-category="{_esc(category)}">',
+        f"<h3>{_esc(task_id)} — {_esc(category)}, score {_fmt_score(entry.get('score'))}</h3>",
+    ]
+    if task is None:
+        out.append('<p class="meta">task not given to the report: no demonstrations, inputs or truth</p>')
+    else:
+        out.append('<p class="meta">demonstrations</p><div class="row">')
+        for i, pair in enumerate(task.train):
+            out.append(
+                f'<div class="pair">{_figure(f"input {i + 1}", pair.input, cell)}<span class="arrow">→</span>'
+                f'{_figure(f"output {i + 1}", pair.output, cell)}</div>'
+            )
+        out.append("</div>")
+    tests = list(entry.get("tests", []))
+    n_tests = max(len(tests), len(task.test) if task is not None else 0)
+    for i in range(n_tests):
+        test = tests[i] if i < len(tests) else {}
+        pair = task.test[i] if task is not None and i < len(task.test) else None
+        correct = test.get("correct")
+        reasons = list(test.get("attempt_reasons") or [None, None])
+        out.append(f'<p class="meta"><b>test {i + 1}</b> {_mark(correct)}</p><div class="row">')
+        out.append(_figure("test input", None if pair is None else pair.input, cell, note="input unknown"))
+        for k in (0, 1):
+            if correct is None:
+                css, mark = "attempt unknown", "(no truth)"
+            elif correct[k]:
+                css, mark = "attempt correct", '<span class="ok">✓ correct</span>'
+            else:
+                css, mark = "attempt wrong", '<span class="bad">✗ wrong</span>'
+            note = reasons[k] if k < len(reasons) and reasons[k] else ""
+            out.append(_figure(f"attempt {k + 1} {mark}", test.get(f"attempt_{k + 1}"), cell, css, note))
+        truth = None if pair is None else pair.output
+        out.append(_figure("truth", truth, cell, note="unknown"))
+        out.append("</div>")
+        meta = [f"votes: {_esc(' · '.join(str(v) for v in test.get('votes') or []) or '–')}"]
+        if test.get("candidates") is not None:
+            n = int(test["candidates"])
+            meta.append(f"{n} candidate{'' if n == 1 else 's'}")
+        if test.get("placeholder"):
+            meta.append("no candidate was a grid: both attempts are the [[0]] placeholder")
+        out.append(f'<p class="meta">{"; ".join(meta)}</p>')
+        if test.get("malformed"):
+            out.append(_malformed_html(test["malformed"]))
+    out.append("</section>")
+    return out
+
+
+def write_report(
+    path: str | os.PathLike,
+    results: Mapping[str, Any],
+    tasks: Mapping[str, Task] | Iterable[Task],
+    *,
+    limit: int | None = None,
+    cell: int = 12,
+    title: str = "ARC evaluation report",
+) -> None:
+    """Write the report as one self-contained HTML file (atomically).
+
+    ``tasks`` gives the demonstrations, test inputs and true outputs (a dict by id, or any iterable
+    of Task); a task in ``results`` but not in ``tasks`` is shown without them. ``limit`` caps the
+    number of task sections (the summary table still lists every task); ``cell`` is the pixel size
+    of a grid cell (large grids are drawn smaller, at most 300 px a side).
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    by_id = dict(tasks) if isinstance(tasks, Mapping) else {t.id: t for t in tasks}
+    results_tasks: Mapping[str, Any] = results.get("tasks") or {}
+    categories = {tid: task_category(entry, by_id.get(tid)) for tid, entry in results_tasks.items()}
+    order = sorted(categories.items(), key=lambda kv: (CATEGORIES.index(kv[1]), kv[0]))
+    shown = order if limit is None else order[:limit]
+    anchors = {tid: f"t{n}" for n, (tid, _) in enumerate(shown)}
+
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_esc(title)}{(' – ' + _esc(results['checkpoint'])) if results.get('checkpoint') else ''}</title>",
+        f"<style>{_CSS}</style></head><body>",
+    ]
+    parts += _header(results, len(order))
+    parts += _summary(order, results_tasks, anchors)
+    if len(shown) < len(order):
+        parts.append(f'<p class="meta">showing {len(shown)} of {len(order)} tasks (limit {limit})</p>')
+    for tid, category in shown:
+        parts += _task_section(tid, anchors[tid], category, results_tasks[tid], by_id.get(tid), cell)
+    parts.append("</body></html>")
+    atomic_write_text(path, "\n".join(parts) + "\n")

@@ -1,0 +1,397 @@
+"""The official ARC Prize score of a submission, whoever made it.
+
+A submission is the Kaggle format::
+
+    {task_id: [{"attempt_1": grid, "attempt_2": grid}, ...]}   # one entry per test input, in order
+
+where a grid is a list of rows of ints 0..9 (1..30 rows and columns). A test input is solved if
+either attempt equals its true output exactly (shape and every cell); a task scores the fraction of
+its test inputs solved; the score is the mean over tasks. Only tasks whose test outputs are all known
+are scored; the others are listed as unscored.
+
+This module never crashes on a bad submission: anything that is not a well-formed grid where one is
+expected (missing task, missing entry, missing attempt, ragged rows, floats, colours outside 0..9,
+empty grids, unknown task ids, a top level that is not a dict) counts as wrong and is described in
+``ScoreReport.warnings`` (and logged). The tasks themselves are trusted: they come from
+:mod:`arc.data`, which validates them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from arc.data import Task
+
+log = logging.getLogger(__name__)
+
+ATTEMPT_KEYS = ("attempt_1", "attempt_2")
+N_COLOURS = 10  # colours are 0..9 (the same fact as arc.tokens.N_COLOURS; grids, not tokens, here)
+MAX_SIDE = 30
+MAX_LOGGED_WARNINGS = 20  # the report keeps every warning; the log shows this many and a count
+
+Attempts = tuple["np.ndarray | None", "np.ndarray | None"]
+
+
+# ----------------------------------------------------------------------------------------------
+# grids
+
+
+def grid_to_list(grid: np.ndarray) -> list[list[int]]:
+    """A grid as JSON-friendly rows of Python ints."""
+    arr = np.asarray(grid)
+    if arr.ndim != 2:
+        raise ValueError(f"a grid has 2 dimensions, got shape {arr.shape}")
+    return [[int(v) for v in row] for row in arr]
+
+
+def _short(v: Any, n: int = 40) -> str:
+    text = repr(v)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def parse_grid(obj: Any) -> tuple[np.ndarray | None, str | None]:
+    """Read a submitted grid: ``(array, None)`` if it is well formed, else ``(None, reason)``.
+
+    Well formed: a non-empty list of equally long non-empty rows of integers 0..9 (bools and
+    integral floats are not integers), at most 30 rows and 30 columns. A 2-D integer numpy array is
+    accepted too, for submissions built in memory.
+    """
+    if obj is None:
+        return None, "missing (null)"
+    if isinstance(obj, np.ndarray):
+        if obj.ndim != 2:
+            return None, f"array with {obj.ndim} dimensions, not 2"
+        if not np.issubdtype(obj.dtype, np.integer):
+            return None, f"array of {obj.dtype}, not integers"
+        rows: Any = obj.tolist()
+    elif isinstance(obj, (list, tuple)):
+        rows = obj
+    else:
+        return None, f"a {type(obj).__name__}, not a list of rows"
+    if len(rows) == 0:
+        return None, "empty grid (no rows)"
+    if len(rows) > MAX_SIDE:
+        return None, f"{len(rows)} rows, more than {MAX_SIDE}"
+    width = None
+    for r, row in enumerate(rows):
+        if not isinstance(row, (list, tuple)):
+            return None, f"row {r} is a {type(row).__name__}, not a list"
+        if len(row) == 0:
+            return None, f"row {r} is empty"
+        if len(row) > MAX_SIDE:
+            return None, f"row {r} has {len(row)} cells, more than {MAX_SIDE}"
+        if width is None:
+            width = len(row)
+        elif len(row) != width:
+            return None, f"ragged: row {r} has {len(row)} cells, row 0 has {width}"
+        for c, v in enumerate(row):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+                return None, f"cell ({r}, {c}) is {_short(v)} ({type(v).__name__}), not an integer"
+            if not 0 <= v < N_COLOURS:
+                return None, f"cell ({r}, {c}) is {int(v)}, outside 0..{N_COLOURS - 1}"
+    return np.array(rows, dtype=np.int64), None
+
+
+def same_grid(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Exact equality of shape and every cell; None equals nothing."""
+    return a is not None and b is not None and a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+# ----------------------------------------------------------------------------------------------
+# reading a submission
+
+
+@dataclass
+class _Entry:
+    """One test input's attempts as read from a submission."""
+
+    attempts: Attempts = (None, None)
+    reasons: tuple[str | None, str | None] = ("no entry", "no entry")
+
+
+def _read_entry(where: str, entry: Any, warnings: list[str]) -> _Entry:
+    if not isinstance(entry, Mapping):
+        warnings.append(f"{where}: entry is a {type(entry).__name__}, not a dict with {' and '.join(ATTEMPT_KEYS)}")
+        reason = "entry is not a dict"
+        return _Entry((None, None), (reason, reason))
+    extra = sorted(str(k) for k in entry if k not in ATTEMPT_KEYS)
+    if extra:
+        warnings.append(f"{where}: unexpected keys {extra} ignored")
+    grids: list[np.ndarray | None] = []
+    reasons: list[str | None] = []
+    for key in ATTEMPT_KEYS:
+        if key not in entry:
+            grid, reason = None, "missing"
+        else:
+            grid, reason = parse_grid(entry[key])
+        if reason is not None:
+            warnings.append(f"{where} {key}: {reason}")
+        grids.append(grid)
+        reasons.append(reason)
+    return _Entry((grids[0], grids[1]), (reasons[0], reasons[1]))
+
+
+def _read_submission(obj: Any, expected: Mapping[str, int] | None) -> tuple[dict[str, list[_Entry]], list[str]]:
+    """Parse every entry of a submission, collecting a warning for everything that is off.
+
+    ``expected`` maps task ids to their number of test inputs; with it, missing and unknown task
+    ids and wrong entry counts are reported too. Returns only the tasks it could read.
+    """
+    warnings: list[str] = []
+    if not isinstance(obj, Mapping):
+        warnings.append(f"submission is a {type(obj).__name__}, not a dict of task id -> list of entries")
+        obj = {}
+    parsed: dict[str, list[_Entry]] = {}
+    for task_id, entries in obj.items():
+        if not isinstance(task_id, str):
+            warnings.append(f"task id {task_id!r} is a {type(task_id).__name__}, not a string; ignored")
+            continue
+        if expected is not None and task_id not in expected:
+            warnings.append(f"task {task_id!r}: not among the tasks scored; ignored")
+            continue
+        if not isinstance(entries, (list, tuple)):
+            warnings.append(f"task {task_id!r}: entries are a {type(entries).__name__}, not a list")
+            parsed[task_id] = []
+            continue
+        if expected is not None and len(entries) != expected[task_id]:
+            n = expected[task_id]
+            what = "the extra ignored" if len(entries) > n else "the missing count as wrong"
+            warnings.append(f"task {task_id!r}: {len(entries)} entries for {n} test inputs; {what}")
+        keep = entries if expected is None else entries[: expected[task_id]]
+        parsed[task_id] = [_read_entry(f"task {task_id!r} test {i}", e, warnings) for i, e in enumerate(keep)]
+    if expected is not None:
+        for task_id in expected:
+            if task_id not in obj:
+                warnings.append(f"task {task_id!r}: missing from the submission (counts as wrong)")
+    return parsed, warnings
+
+
+def validate_submission(obj: Any, tasks: Iterable[Task] | None = None) -> list[str]:
+    """Everything wrong with a submission, as readable warnings ([] when it is well formed).
+
+    Without ``tasks`` only the format is checked; with them, also missing and unknown task ids and
+    the number of entries per task.
+    """
+    expected = None if tasks is None else {t.id: len(t.test) for t in tasks}
+    return _read_submission(obj, expected)[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring
+
+
+@dataclass
+class TestScore:
+    """One test input. ``correct``/``shape_ok`` are per attempt, None when the truth is unknown."""
+
+    index: int
+    correct: tuple[bool, bool] | None
+    shape_ok: tuple[bool, bool] | None  # the attempt has the true output's shape
+    reasons: tuple[str | None, str | None]  # why an attempt is not a grid (None when it is)
+    attempts: Attempts = field(default=(None, None), repr=False)
+
+    @property
+    def solved(self) -> bool:
+        return self.correct is not None and any(self.correct)
+
+    @property
+    def right_attempt(self) -> int | None:
+        """1 or 2: the first attempt that is right; None if neither is (or no truth)."""
+        if self.correct is None:
+            return None
+        for k, ok in enumerate(self.correct, start=1):
+            if ok:
+                return k
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "solved": self.solved if self.correct is not None else None,
+            "correct": None if self.correct is None else list(self.correct),
+            "right_attempt": self.right_attempt,
+            "shape_ok": None if self.shape_ok is None else list(self.shape_ok),
+            "reasons": list(self.reasons),
+        }
+
+
+@dataclass
+class TaskScore:
+    """One task: ``score`` (pass@2) and ``pass_at_1`` are fractions of its test inputs, None if unscored."""
+
+    task_id: str
+    score: float | None
+    pass_at_1: float | None
+    tests: list[TestScore]
+
+    @property
+    def scored(self) -> bool:
+        return self.score is not None
+
+    @property
+    def solved(self) -> bool:
+        return self.score == 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "score": self.score,
+            "pass_at_1": self.pass_at_1,
+            "solved": self.solved if self.scored else None,
+            "tests": [t.to_dict() for t in self.tests],
+        }
+
+
+@dataclass
+class ScoreReport:
+    """The official score (``score``, i.e. pass@2) and everything behind it."""
+
+    score: float  # mean over scored tasks of the fraction of test inputs solved by either attempt
+    pass_at_1: float  # the same with attempt_1 only
+    tasks_solved: int  # scored tasks with every test input solved
+    tasks_scored: int
+    test_inputs_solved: int
+    test_inputs: int  # over scored tasks
+    tasks: dict[str, TaskScore]  # every task given, scored or not, in the order given
+    unscored: list[str]  # ids of tasks with some test output unknown
+    warnings: list[str]
+
+    def summary(self) -> str:
+        """One line for a log."""
+        return (
+            f"score {self.score:.4f} (pass@2), pass@1 {self.pass_at_1:.4f}, "
+            f"{self.tasks_solved}/{self.tasks_scored} tasks solved, "
+            f"{self.test_inputs_solved}/{self.test_inputs} test inputs solved"
+            + (f", {len(self.unscored)} unscored" if self.unscored else "")
+            + (f", {len(self.warnings)} warnings" if self.warnings else "")
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly (no numpy, no NaN); attempts are not included (see arc.report.build_results)."""
+        return {
+            "score": self.score,
+            "pass_at_1": self.pass_at_1,
+            "tasks_solved": self.tasks_solved,
+            "tasks_scored": self.tasks_scored,
+            "test_inputs_solved": self.test_inputs_solved,
+            "test_inputs": self.test_inputs,
+            "unscored": list(self.unscored),
+            "warnings": list(self.warnings),
+            "tasks": {tid: t.to_dict() for tid, t in self.tasks.items()},
+        }
+
+
+def _mean(values: list[float]) -> float:
+    return math.fsum(values) / len(values) if values else 0.0
+
+
+def score_submission(submission: Any, tasks: Iterable[Task]) -> ScoreReport:
+    """Score a submission against tasks by the ARC Prize rule (see the module docstring).
+
+    Raises ValueError only for a caller error: two tasks with the same id.
+    """
+    tasks = list(tasks)
+    ids = [t.id for t in tasks]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"tasks to score have duplicate ids: {dupes[:10]}")
+    parsed, warnings = _read_submission(submission, {t.id: len(t.test) for t in tasks})
+
+    per_task: dict[str, TaskScore] = {}
+    unscored: list[str] = []
+    for task in tasks:
+        entries = parsed.get(task.id, [])
+        known = len(task.test) > 0 and all(p.output is not None for p in task.test)
+        if not task.test:
+            warnings.append(f"task {task.id!r}: has no test inputs; unscored")
+        tests: list[TestScore] = []
+        for i, pair in enumerate(task.test):
+            entry = entries[i] if i < len(entries) else _Entry()
+            if known:
+                truth = pair.output
+                correct = (same_grid(entry.attempts[0], truth), same_grid(entry.attempts[1], truth))
+                shape_ok = tuple(a is not None and a.shape == truth.shape for a in entry.attempts)
+            else:
+                correct = shape_ok = None
+            tests.append(TestScore(i, correct, shape_ok, entry.reasons, entry.attempts))  # type: ignore[arg-type]
+        if known:
+            score = _mean([float(t.solved) for t in tests])
+            pass1 = _mean([float(t.correct[0]) for t in tests])  # type: ignore[index]
+        else:
+            score = pass1 = None
+            unscored.append(task.id)
+        per_task[task.id] = TaskScore(task.id, score, pass1, tests)
+
+    scored = [t for t in per_task.values() if t.scored]
+    report = ScoreReport(
+        score=_mean([t.score for t in scored]),  # type: ignore[misc]
+        pass_at_1=_mean([t.pass_at_1 for t in scored]),  # type: ignore[misc]
+        tasks_solved=sum(t.solved for t in scored),
+        tasks_scored=len(scored),
+        test_inputs_solved=sum(x.solved for t in scored for x in t.tests),
+        test_inputs=sum(len(t.tests) for t in scored),
+        tasks=per_task,
+        unscored=unscored,
+        warnings=warnings,
+    )
+    for w in warnings[:MAX_LOGGED_WARNINGS]:
+        log.warning("submission: %s", w)
+    if len(warnings) > MAX_LOGGED_WARNINGS:
+        log.warning("submission: ... and %d more warnings (all in the report)", len(warnings) - MAX_LOGGED_WARNINGS)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to a temporary file beside ``path``, then rename it over ``path``: a reader
+    never sees half a file, and a crash leaves the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_submission(path: str | os.PathLike, submission: Mapping[str, Any]) -> None:
+    """Write a submission as JSON, atomically; numpy grids and ints become lists and ints."""
+    atomic_write_text(path, json.dumps(submission, default=_json_default))
+
+
+def load_submission(path: str | os.PathLike) -> dict:
+    """Read a submission file. Raises ValueError naming the file if it is not JSON or not a dict
+    at the top level; what is inside is checked by :func:`score_submission`."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: top level is a {type(obj).__name__}, expected {{task_id: [entries]}}")
+    return obj
