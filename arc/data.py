@@ -418,6 +418,19 @@ def _digest_of_sorted(digests: Iterable[bytes]) -> bytes:
     return hashlib.sha256(b"".join(sorted(digests))).digest()
 
 
+def leave_one_out(task: Task) -> list[Task]:
+    """Tasks made of one task's demonstrations only: each demonstration in turn is the test pair,
+    the others its demonstrations. Test pairs (and their outputs) are never used. A task with a
+    single demonstration has no such split and gives an empty list."""
+    demos = task.train
+    if len(demos) < 2:
+        return []
+    return [
+        Task(f"{task.id}-loo{i}", demos[:i] + demos[i + 1 :], (demos[i],), source=f"{task.source} (demonstrations)")
+        for i in range(len(demos))
+    ]
+
+
 def task_fingerprint(task: Task) -> str:
     """A hash of the task's content: its demonstrations (input and output) and its test inputs,
     shapes included; test outputs left out, so a copy with hidden solutions still matches.

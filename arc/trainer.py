@@ -1,0 +1,455 @@
+"""Training: the config, the data it names, the leakage guard, and the loop (one process or DDP).
+
+``train(cfg, model_cfg)`` is what ``train.py`` calls; tests call it too. The loop reads top to
+bottom: occasional validation / solve check, the optimizer step over accumulated micro-batches,
+one log line, an occasional checkpoint.
+
+Loss normalisation: every micro-batch contributes the *sum* of its target-token losses; after the
+last micro-batch the gradients are divided by the number of target tokens of the whole optimizer
+step over all ranks. So the update is the same whether a step's batches are split into
+micro-batches, spread over ranks, or both.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from arc import checkpoint, data, synthetic
+from arc.config import help_field, to_dict
+from arc.dist import DistInfo, all_reduce_sum, barrier, destroy_distributed, init_distributed
+from arc.loader import ArcDataLoader
+from arc.model import HybridLM, ModelConfig
+from arc.text import DEFAULT_ENCODING, TextLoader
+from arc.tokens import IGNORE_INDEX, PAD, Targets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = help_field("arc1", "training sources, comma-separated: arc1, arc2, a task folder, a *_challenges.json, synthetic[:N tasks], or text:FILE")
+    split: str = help_field("train", "split of the ARC sources to train on: train or eval")
+    eval_data: str = help_field("arc1", "the evaluation set this run is meant for: its tasks are never trained on (leakage guard)")
+    eval_split: str = help_field("eval", "split of --eval_data")
+    eval_demos: bool = help_field(False, "also train on the evaluation tasks' demonstration pairs, leave-one-out (never their test outputs)")
+    overlap: Literal["drop", "refuse", "allow"] = help_field("drop", "training tasks whose content equals an evaluation task: drop them (listed in a warning), refuse to start, or allow")
+    allow_overlap: bool = help_field(False, "same as --overlap allow: train on tasks that are also evaluated (leaks the evaluation)")
+    val_fraction: float = help_field(0.05, "share of the training tasks held out for the validation loss (0: none)")
+    targets: Literal["test", "outputs"] = help_field("outputs", "which output grids are trained on: the test output only, or every output after the first")
+    augment: bool = help_field(True, "a fresh random rotation/reflection, colour permutation and demonstration order per instance")
+    permute_background: bool = help_field(False, "colour permutations also move colour 0 (the usual background)")
+    block_size: int = help_field(4096, "maximum sequence length in tokens")
+    encoding: str = help_field(DEFAULT_ENCODING, "text path only: an offline tiktoken encoding name or a .tiktoken file")
+    # batches and steps
+    batch_size: int = help_field(8, "sequences per micro-batch (at most, with --max_tokens)")
+    max_tokens: int | None = help_field(None, "cap on padded tokens (B x T) per micro-batch, to fit memory; None: no cap")
+    grad_accum: int = help_field(1, "micro-batches per optimizer step (the most, when --tokens_per_step is set)")
+    tokens_per_step: int = help_field(0, "accumulate micro-batches until this many real tokens over all ranks (0: use --grad_accum)")
+    steps: int = help_field(2000, "optimizer steps")
+    # optimizer
+    lr: float = help_field(1e-3, "peak learning rate")
+    min_lr_ratio: float = help_field(0.1, "final learning rate as a fraction of the peak")
+    warmup: int = help_field(100, "linear warmup steps, then cosine decay to the end")
+    weight_decay: float = help_field(0.1, "AdamW weight decay on matrices (never on norms, biases, A_log, D, dt_bias)")
+    beta1: float = help_field(0.9, "AdamW beta1")
+    beta2: float = help_field(0.95, "AdamW beta2")
+    grad_clip: float = help_field(1.0, "clip the gradient norm to this (0: off)")
+    # system
+    device: str = help_field("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16"] = help_field("auto", "autocast dtype: auto is bfloat16 on CUDA, float32 on CPU")
+    compile: bool = help_field(False, "torch.compile the model")
+    seed: int = help_field(1337, "seed of the weights, the held-out split and the data order")
+    # run directory, logs, checkpoints
+    out: str | None = help_field(None, "run directory (default: runs/<date-time>)")
+    resume: bool = help_field(False, "continue the run in --out from its latest checkpoint")
+    log_every: int = help_field(10, "steps between log lines")
+    val_every: int = help_field(100, "steps between validation losses (0: only at the end)")
+    val_batches: int = help_field(16, "batches of held-out data per validation")
+    solve_every: int = help_field(0, "steps between quick exact-match solve checks on held-out tasks (0: off)")
+    solve_tasks: int = help_field(8, "held-out tasks in each solve check")
+    save_every: int = help_field(100, "steps between checkpoints (the latest is always kept, plus the best by validation loss)")
+    progress: bool = help_field(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1), ("grad_accum", self.grad_accum >= 1),
+            ("tokens_per_step", self.tokens_per_step >= 0), ("lr", self.lr > 0), ("warmup", self.warmup >= 0),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1), ("val_fraction", 0 <= self.val_fraction < 1),
+            ("block_size", self.block_size >= 64), ("split", self.split in ("train", "eval")),
+            ("eval_split", self.eval_split in ("train", "eval")), ("grad_clip", self.grad_clip >= 0),
+            ("log_every", self.log_every >= 1), ("save_every", self.save_every >= 0), ("val_every", self.val_every >= 0),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"--{name}: invalid value {getattr(self, name)!r}")
+        if self.resume and not self.out:
+            raise ValueError("--resume needs --out, the run directory to continue")
+
+
+# A preset is a model preset, overrides of its fields, and training settings; flags given on the
+# command line win over all three.
+PRESETS: dict[str, tuple[str, dict, dict]] = {
+    "smoke": ("tiny", dict(max_seq_len=4096), dict(steps=12, batch_size=4, max_tokens=8192, warmup=2, lr=3e-3, log_every=2, val_every=6,
+                           val_batches=2, save_every=6, val_fraction=0.05)),
+    "cpu": ("cpu", {}, dict(steps=2000, batch_size=8, max_tokens=16384, tokens_per_step=16384, grad_accum=8,
+                        warmup=100, lr=1e-3)),
+    "gpu": ("gpu", {}, dict(steps=20000, batch_size=16, max_tokens=65536, tokens_per_step=131072, grad_accum=16,
+                        warmup=500, lr=6e-4, compile=True, val_every=500, save_every=500)),
+}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/inf; the run stops and its last good checkpoint is kept."""
+
+
+class OverlapError(ValueError):
+    """Training tasks equal evaluation tasks."""
+
+
+# ---- data ---------------------------------------------------------------------------------------
+@dataclass
+class Data:
+    train: ArcDataLoader | TextLoader
+    val: list[tuple[torch.Tensor, torch.Tensor]]  # fixed validation batches
+    held_out: list[data.Task]  # held-out ARC tasks (for the solve check)
+    vocab_size: int | None  # None: the ARC vocabulary; the text path sets its own
+
+
+def load_sources(spec: str, split: str, seed: int) -> list[data.Task]:
+    """Tasks of every comma-separated ARC source in ``spec`` (``synthetic[:N]`` generates N)."""
+    tasks: list[data.Task] = []
+    for source in [s.strip() for s in spec.split(",") if s.strip()]:
+        if source == "synthetic" or source.startswith("synthetic:"):
+            n = int(source.split(":", 1)[1]) if ":" in source else 2000
+            tasks += synthetic.make_tasks(n, seed=seed + (0 if split == "train" else 1))
+        elif source.startswith("text:"):
+            raise ValueError(f"--data: {source} cannot be combined with ARC sources (a text model has its own vocabulary)")
+        else:
+            tasks += data.load_tasks(source, split)
+    return tasks
+
+
+def guard_overlap(train_tasks: list[data.Task], eval_tasks: list[data.Task], mode: str, eval_name: str) -> list[data.Task]:
+    """Refuse, drop or allow training tasks whose content equals an evaluation task."""
+    pairs = data.find_overlap(train_tasks, eval_tasks)
+    if not pairs or mode == "allow":
+        return train_tasks
+    listing = ", ".join(f"{a} (= {b})" for a, b in pairs[:20]) + (f", ... ({len(pairs)} in all)" if len(pairs) > 20 else "")
+    if mode == "refuse":
+        raise OverlapError(
+            f"{len(pairs)} training task(s) have the same content as tasks of {eval_name}: {listing}. "
+            f"Training on them would leak the evaluation. Use --overlap drop to train without them, "
+            f"or --overlap allow (--allow_overlap) if you really mean it."
+        )
+    bad = {a for a, _ in pairs}
+    log.warning("dropped %d training task(s) that are also in %s: %s", len(bad), eval_name, listing)
+    return [t for t in train_tasks if t.id not in bad]
+
+
+def split_held_out(tasks: list[data.Task], fraction: float, seed: int) -> tuple[list[data.Task], list[data.Task]]:
+    """A deterministic held-out share of tasks (by seed), the rest for training."""
+    if fraction <= 0:
+        return tasks, []
+    order = np.random.default_rng(seed).permutation(len(tasks))
+    n = max(1, math.ceil(fraction * len(tasks)))
+    held = set(order[:n].tolist())
+    return [t for i, t in enumerate(tasks) if i not in held], [t for i, t in enumerate(tasks) if i in held]
+
+
+def build_data(cfg: TrainConfig, info: DistInfo) -> Data:
+    if cfg.data.startswith("text:"):
+        loader = TextLoader.from_file(cfg.data[5:], encoding=cfg.encoding, batch_size=cfg.batch_size,
+                                      seq_len=cfg.block_size, rank=info.rank, world_size=info.world_size)
+        from arc.text import get_encoding
+
+        n_val = int(len(loader.tokens) * cfg.val_fraction)
+        val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if n_val > cfg.block_size + 1:
+            val_tokens = loader.tokens[-n_val:]
+            loader.tokens = loader.tokens[:-n_val]
+            T = cfg.block_size
+            for i in range(min(cfg.val_batches, (n_val - 1) // T)):
+                chunk = val_tokens[i * T : (i + 1) * T + 1]
+                val.append((chunk[:-1].view(1, T), chunk[1:].view(1, T)))
+        return Data(loader, val, [], get_encoding(cfg.encoding).n_vocab)
+
+    tasks = load_sources(cfg.data, cfg.split, cfg.seed)
+    eval_name = f"{cfg.eval_data} {cfg.eval_split}"
+    eval_tasks = load_sources(cfg.eval_data, cfg.eval_split, cfg.seed)
+    tasks = guard_overlap(tasks, eval_tasks, "allow" if cfg.allow_overlap else cfg.overlap, eval_name)
+    train_tasks, held_out = split_held_out(tasks, cfg.val_fraction, cfg.seed)
+    if cfg.eval_demos:
+        train_tasks = train_tasks + [t for task in eval_tasks for t in data.leave_one_out(task)]
+    loader = ArcDataLoader(train_tasks, batch_size=cfg.batch_size, block_size=cfg.block_size, train=True,
+                           augment=cfg.augment, permute_background=cfg.permute_background, targets=cfg.targets,
+                           seed=cfg.seed, rank=info.rank, world_size=info.world_size, max_tokens=cfg.max_tokens)
+    val = []
+    if held_out:
+        val_loader = ArcDataLoader(held_out, batch_size=cfg.batch_size, block_size=cfg.block_size, train=False,
+                                   targets="test", max_tokens=cfg.max_tokens)
+        val = [b for b, _ in zip(val_loader.epoch_batches(), range(cfg.val_batches))]
+    return Data(loader, val, held_out, None)
+
+
+# ---- optimisation -------------------------------------------------------------------------------
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: HybridLM, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (2-D weights other than embeddings' norms/SSM scalars)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and not name.endswith(("A_log", "D", "dt_bias")) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def loss_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over target tokens (0 when a batch has none)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def validation_loss(model: HybridLM, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig, device: torch.device) -> float:
+    """Mean loss per target token over the fixed validation batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast_for(cfg, device):
+            logits, _ = model(x)
+        total += float(loss_sum(logits, y))
+        count += int((y != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory, or this process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int  # optimizer steps done
+    losses: list[float]  # training loss of every step run in this call
+    val_loss: float | None
+    model: HybridLM
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = None,
+          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train (or resume) a run; returns after ``cfg.steps`` steps, or early after ``stop_after``."""
+    info = init_distributed(cfg.device)
+    device = info.device
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir()
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    ckpt = None
+    if cfg.resume:
+        ckpt = checkpoint.load(run_dir, map_location="cpu")
+        saved = ckpt["train_config"]
+        if saved["seed"] != cfg.seed or saved["data"] != cfg.data:
+            raise ValueError(f"--resume: {run_dir} was trained with seed {saved['seed']} on {saved['data']!r}; "
+                             f"this run asks for seed {cfg.seed} on {cfg.data!r}")
+        model_cfg = ModelConfig.from_dict(ckpt["model_config"])
+
+    if cfg.block_size > model_cfg.max_seq_len:
+        raise ValueError(f"--block_size {cfg.block_size} is longer than the model's --max_seq_len {model_cfg.max_seq_len}")
+    torch.manual_seed(cfg.seed)
+    bundle = build_data(cfg, info)
+    if bundle.vocab_size is not None and bundle.vocab_size != model_cfg.vocab_size:
+        model_cfg = replace(model_cfg, vocab_size=bundle.vocab_size)
+    raw_model = HybridLM(model_cfg).to(device)
+    optimizer = make_optimizer(raw_model, cfg, device)
+    start_step, best_val = 0, math.inf
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        bundle.train.load_state_dict(ckpt["loader"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        start_step, best_val = int(ckpt["step"]), float(ckpt["best_val"])
+    model: torch.nn.Module = raw_model
+    if cfg.compile:
+        model = torch.compile(model)
+    if info.is_distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(name: str, step: int, val: float) -> None:
+        if info.is_main:
+            checkpoint.save_atomic({
+                "model": raw_model.state_dict(), "model_config": model_cfg.to_dict(), "train_config": to_dict(cfg),
+                "optimizer": optimizer.state_dict(), "step": step, "loader": bundle.train.state_dict(),
+                "rng": checkpoint.rng_state(), "best_val": best_val, "val_loss": val,
+            }, run_dir / name)
+
+    if info.is_main:
+        (run_dir / "config.json").write_text(json.dumps({"train": to_dict(cfg), "model": model_cfg.to_dict(),
+                                                         "params": raw_model.num_params(), "world_size": info.world_size}, indent=2))
+        print(f"run {run_dir}: {raw_model.num_params() / 1e6:.2f}M parameters on {device} x{info.world_size}, "
+              f"steps {start_step}->{cfg.steps}", file=sys.stderr)
+    log_file = open(run_dir / "log.jsonl", "a") if info.is_main else None
+    bar = None
+    if info.is_main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+    losses: list[float] = []
+    val = math.nan
+    t_start = time.time()
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    for step in range(start_step, end):
+        row: dict = {"step": step}
+        # -- occasional: validation loss (and best checkpoint), solve check ---------------------
+        if bundle.val and cfg.val_every and step > 0 and step % cfg.val_every == 0:
+            val = validation_loss(raw_model, bundle.val, cfg, device)
+            row["val_loss"] = val
+            if val < best_val:
+                best_val = val
+                save(checkpoint.BEST, step, val)
+        if cfg.solve_every and bundle.held_out and step > 0 and step % cfg.solve_every == 0 and info.is_main:
+            row["solve_rate"] = quick_solve_rate(raw_model, bundle.held_out[: cfg.solve_tasks], device)
+
+        # -- the optimizer step over accumulated micro-batches -----------------------------------
+        t0 = time.time()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        local_loss, local_targets, local_real, local_padded = 0.0, 0, 0, 0
+        global_real, micro = 0.0, 0
+        max_micro = cfg.grad_accum
+        while True:
+            x, y = bundle.train.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T)
+            micro += 1
+            n_real = int((x != PAD).sum()) if bundle.vocab_size is None else x.numel()
+            if cfg.tokens_per_step:
+                global_real += all_reduce_sum(n_real, info)
+                last = global_real >= cfg.tokens_per_step or micro >= max_micro
+            else:
+                last = micro >= max_micro
+            sync = contextlib.nullcontext() if last or not info.is_distributed else model.no_sync()
+            with sync:
+                with autocast_for(cfg, device):
+                    logits, _ = model(x)  # (B, T, V)
+                batch_loss = loss_sum(logits, y)
+                batch_loss.backward()
+            local_loss += float(batch_loss.detach())
+            local_targets += int((y != IGNORE_INDEX).sum())
+            local_real += n_real
+            local_padded += x.numel()
+            if last:
+                break
+        targets = all_reduce_sum(local_targets, info)
+        loss = all_reduce_sum(local_loss, info) / max(targets, 1)
+        scale = info.world_size / max(targets, 1)  # DDP averaged the gradient sums over ranks
+        for p in raw_model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            if log_file:
+                log_file.close()
+            latest = run_dir / checkpoint.LATEST
+            raise TrainingDiverged(f"step {step}: loss {loss}, gradient norm {grad_norm}; stopping. "
+                                   + (f"The last good checkpoint {latest} is kept." if latest.exists() else "No checkpoint was saved yet."))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        losses.append(loss)
+        if on_step:
+            on_step(step, loss)
+
+        # -- log line ---------------------------------------------------------------------------
+        real = all_reduce_sum(local_real, info)
+        padded = all_reduce_sum(local_padded, info)
+        if info.is_main and (step % cfg.log_every == 0 or step == end - 1 or len(row) > 1):
+            row.update(loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=real / dt, real_share=real / padded,
+                       micro_batches=micro, memory_mb=memory_mb(device), elapsed=time.time() - t_start,
+                       epoch=bundle.train.epoch)
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{real / dt:,.0f}", **({"val": f"{val:.4f}"} if math.isfinite(val) else {}))
+            bar.update(1)
+
+        # -- checkpoint -------------------------------------------------------------------------
+        done = step + 1
+        if (cfg.save_every and done % cfg.save_every == 0) or done == end:
+            save(checkpoint.LATEST, done, val)
+
+    final_step = max(end, start_step)
+    if bundle.val and final_step == cfg.steps and final_step > start_step:
+        val = validation_loss(raw_model, bundle.val, cfg, device)
+        if info.is_main:
+            log_file.write(json.dumps({"step": final_step, "val_loss": val}) + "\n")
+        if val < best_val:
+            best_val = val
+            save(checkpoint.BEST, final_step, val)
+        save(checkpoint.LATEST, final_step, val)
+    if bar is not None:
+        bar.close()
+    if log_file:
+        log_file.close()
+    barrier(info)
+    return TrainResult(run_dir, final_step, losses, val if math.isfinite(val) else None, raw_model)
+
+
+def quick_solve_rate(model: HybridLM, tasks: list[data.Task], device: torch.device) -> float:
+    """Exact-match share of test outputs solved greedily on the original view (a cheap progress signal)."""
+    from arc.solve import SolveConfig, solve_tasks
+
+    results = solve_tasks(model, tasks, SolveConfig(views=1), device=device, progress=False)
+    solved = [ok for r in results for ok in r.correct if ok is not None]
+    return sum(solved) / max(len(solved), 1)
+
+
+def run(cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
+    """The entry point's call: train, then leave the process group."""
+    try:
+        return train(cfg, model_cfg)
+    finally:
+        destroy_distributed()

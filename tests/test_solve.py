@@ -1,0 +1,137 @@
+"""The solver without a trained model: constrained decoding, views and their inversion, voting.
+
+Stand-in models implement the solver's model interface (prefill / step / cache.select), so these
+tests check the solver's own logic: what a model says is fed through exactly as a real one's is.
+"""
+import numpy as np
+import torch
+
+from arc import augment
+from arc.data import Pair, Task
+from arc.solve import GridConstraint, SolveConfig, decode, solve_task, submission_of
+from arc.tokens import EOO, IN, OUT, PAD, ROW, VOCAB_SIZE, decode_grid, encode_prompt, grid_tokens
+
+CPU = torch.device("cpu")
+
+
+class _Cache:
+    def __init__(self, keys):
+        self.keys = list(keys)
+        self.pos = [0] * len(keys)
+
+    def select(self, index):
+        idx = index.tolist()
+        self.keys = [self.keys[i] for i in idx]
+        self.pos = [self.pos[i] for i in idx]
+
+
+class ScriptedModel(torch.nn.Module):
+    """Emits, after each prompt, the token list ``script(prompt_ids)``; random logits elsewhere."""
+
+    def __init__(self, script, noise: float = 0.0, seed: int = 0):
+        super().__init__()
+        self.script = script
+        self.noise = noise
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def _logits(self, cache):
+        out = torch.randn(len(cache.keys), VOCAB_SIZE, generator=self.gen) * self.noise
+        for r, (key, pos) in enumerate(zip(cache.keys, cache.pos)):
+            wanted = key[pos] if pos < len(key) else PAD
+            out[r, wanted] += 10.0
+        return out
+
+    def prefill(self, prompts, max_new_tokens):
+        cache = _Cache([self.script(p.numpy()) for p in prompts])
+        return cache, self._logits(cache)
+
+    def step(self, tokens, cache):
+        cache.pos = [p + 1 for p in cache.pos]
+        return self._logits(cache)
+
+
+def make_task(seed: int = 0) -> Task:
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(4):
+        g = rng.integers(0, 10, size=(int(rng.integers(2, 6)), int(rng.integers(2, 6))))
+        pairs.append(Pair(g, np.fliplr(g) % 7))
+    return Task("tflip", tuple(pairs[:3]), (pairs[3],))
+
+
+def test_constraint_mask_enforces_rectangular_grids():
+    c = GridConstraint(1, CPU)
+    allowed = c.mask(VOCAB_SIZE)[0]
+    assert allowed[:10].all() and not allowed[ROW] and not allowed[EOO] and not allowed[PAD]
+    for tok in [3, 4, ROW]:  # first row has width 2
+        c.update(torch.tensor([tok]))
+    c.update(torch.tensor([5]))
+    allowed = c.mask(VOCAB_SIZE)[0]
+    assert allowed[:10].all() and not allowed[ROW] and not allowed[EOO]  # one cell: must continue
+    c.update(torch.tensor([6]))
+    allowed = c.mask(VOCAB_SIZE)[0]
+    assert not allowed[:10].any() and allowed[ROW] and not allowed[EOO]  # full width: must end the row
+    c.update(torch.tensor([ROW]))
+    allowed = c.mask(VOCAB_SIZE)[0]
+    assert allowed[:10].all() and allowed[EOO] and not allowed[ROW]
+
+
+def test_decoder_never_emits_an_ill_formed_grid_even_when_the_model_wants_to():
+    """A model that prefers structural garbage (PAD, IN, OUT, early EOO, ragged rows) still yields grids."""
+    rng = np.random.default_rng(0)
+
+    def garbage(prompt):
+        return list(rng.choice([PAD, IN, OUT, EOO, ROW, 1, 2], size=1000))
+
+    model = ScriptedModel(garbage, noise=3.0)
+    prompts = [encode_prompt(make_task(s).demos, make_task(s).test[0].input).ids for s in range(6)]
+    for temperature in (0.0, 1.0):
+        for ids, mean_lp in decode(model, prompts, CPU, temperature=temperature, generator=torch.Generator().manual_seed(1)):
+            out = decode_grid(ids)
+            assert out.ok, out.reason
+            assert ids[-1] == EOO and np.isfinite(mean_lp)
+
+
+def test_decoder_caps_grids_at_30_by_30():
+    model = ScriptedModel(lambda p: [1] * 5000)  # never ends a row on its own
+    (ids, _), = decode(model, [np.array([1, 2, 3])], CPU)
+    grid = decode_grid(ids).grid
+    assert grid.shape == (30, 30)
+
+
+def test_views_are_inverted_before_voting_so_an_oracle_wins_every_vote():
+    task = make_task(3)
+    truth = task.test[0].output
+    views = augment.views(8)
+    answer = {}
+    for v in views:  # what the model should write for each view's prompt: the view's own truth
+        seen = v.apply_task(task)
+        key = encode_prompt(seen.demos, seen.test[0].input).ids.tobytes()
+        answer[key] = list(np.append(grid_tokens(seen.test[0].output), EOO))
+
+    model = ScriptedModel(lambda p: answer[p.astype(np.int64).tobytes()])
+    pred = solve_task(model, task, SolveConfig(views=8, batch=3), CPU)
+    (test,) = pred.tests
+    np.testing.assert_array_equal(test.attempt_1, truth)
+    assert test.info["votes"] == [8] and test.correct == [True, True]
+    assert pred.correct == [True]
+
+
+def test_a_model_that_ignores_the_view_is_outvoted_into_second_place():
+    """Predicting one fixed grid in every view's frame gives 8 different grids after inversion."""
+    task = make_task(4)
+    fixed = np.array([[1, 2, 3], [4, 5, 6]])
+    model = ScriptedModel(lambda p: list(np.append(grid_tokens(fixed), EOO)))
+    pred = solve_task(model, task, SolveConfig(views=8), CPU)
+    (test,) = pred.tests
+    assert sum(test.info["votes"]) == 8 and max(test.info["votes"]) == 1
+    assert not np.array_equal(test.attempt_1, test.attempt_2)
+
+
+def test_submission_has_both_attempts_for_every_test_input():
+    task = Task("two", make_task(1).train, make_task(1).test + make_task(2).test)
+    model = ScriptedModel(lambda p: [7, ROW, EOO])
+    preds = [solve_task(model, task, SolveConfig(views=2), CPU)]
+    sub = submission_of(preds)
+    assert list(sub) == ["two"] and len(sub["two"]) == 2
+    assert all(set(e) == {"attempt_1", "attempt_2"} and e["attempt_1"] == [[7]] for e in sub["two"])
