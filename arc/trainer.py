@@ -105,8 +105,8 @@ class TrainConfig:
 PRESETS: dict[str, tuple[str, dict, dict]] = {
     "smoke": ("tiny", dict(max_seq_len=4096), dict(steps=12, batch_size=4, max_tokens=8192, warmup=2, lr=3e-3, log_every=2, val_every=6,
                            val_batches=2, save_every=6, val_fraction=0.05)),
-    "cpu": ("cpu", {}, dict(steps=2000, batch_size=8, max_tokens=16384, tokens_per_step=16384, grad_accum=8,
-                        warmup=100, lr=1e-3)),
+    "cpu": ("cpu", {}, dict(steps=1000, batch_size=16, max_tokens=8192, tokens_per_step=8192, grad_accum=8,
+                        warmup=50, lr=2e-3)),
     "gpu": ("gpu", {}, dict(steps=20000, batch_size=16, max_tokens=65536, tokens_per_step=131072, grad_accum=16,
                         warmup=500, lr=6e-4, compile=True, val_every=500, save_every=500)),
 }
@@ -216,14 +216,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: HybridLM, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (2-D weights other than embeddings' norms/SSM scalars)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and not name.endswith(("A_log", "D", "dt_bias")) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    """AdamW (fused on CUDA) over the model's own decay / no-decay groups."""
+    return torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
 
 
 def loss_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,153 @@
+"""The Mamba2 mixer, with the exact parameter names, shapes and initialisation of
+``mamba_ssm.modules.mamba2.Mamba2`` (version 2.3.2, defaults: rmsnorm=True, norm_before_gate=False,
+D_has_hdim=False, d_ssm=None, bias=False, conv_bias=True), so a state dict moves between this module,
+its kernel path and ``mamba_ssm``'s own module in both directions.
+
+Parameters (d_inner = expand * d_model, nheads = d_inner / headdim, conv_dim = d_inner + 2*ngroups*d_state)::
+
+    in_proj.weight   (2*d_inner + 2*ngroups*d_state + nheads, d_model)   rows in the order [z, x, B, C, dt]
+    conv1d.weight    (conv_dim, 1, d_conv)     depthwise, causal, over [x, B, C]
+    conv1d.bias      (conv_dim,)
+    dt_bias          (nheads,)                 softplus^-1 of the initial step size
+    A_log            (nheads,)                 A = -exp(A_log)
+    D                (nheads,)                 skip connection
+    norm.weight      (d_inner,)                gated RMSNorm, one group of d_inner / ngroups per B/C group
+    out_proj.weight  (d_model, d_inner)
+
+The compute (conv, scan, decoding steps) goes through :mod:`arc.kernels`, which picks the fused
+kernels or the pure-PyTorch twin; this module never decides that.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from arc import kernels
+
+
+@dataclass
+class MambaState:
+    """A Mamba2 layer's decoding state for a batch: constant size whatever the prompt length."""
+
+    conv: torch.Tensor  # (B, conv_dim, d_conv - 1) the last inputs of the conv, oldest first
+    ssm: torch.Tensor  # (B, nheads, headdim, d_state) float32
+
+    def select(self, index: torch.Tensor) -> MambaState:
+        return MambaState(self.conv.index_select(0, index), self.ssm.index_select(0, index))
+
+
+def init_dt_bias(nheads: int, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """``mamba_ssm``'s dt init: dt log-uniform in [dt_min, dt_max], floored at dt_init_floor, stored as
+    softplus^-1(dt) so that softplus(dt_bias) = dt. Returns (nheads,) float32."""
+    u = torch.rand(nheads, generator=generator)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt) = log(exp(dt) - 1), written stably
+
+
+def init_A_log(nheads: int, low: float = 1.0, high: float = 16.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``mamba_ssm``'s A init: A uniform in [low, high] per head, stored as log(A). Returns (nheads,) float32."""
+    if not 0 < low <= high:
+        raise ValueError(f"A init range must satisfy 0 < low <= high, got ({low}, {high})")
+    return torch.log(torch.empty(nheads).uniform_(low, high, generator=generator))
+
+
+class GatedRMSNorm(nn.Module):
+    """``norm(x * silu(z)) * weight`` over groups of ``group_size`` channels (mamba_ssm's RMSNormGated
+    with norm_before_gate=False). One parameter, ``weight`` (d,)."""
+
+    def __init__(self, d: int, eps: float = 1e-5, group_size: int | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.group_size = d if group_size is None else group_size
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return kernels.gated_rmsnorm(x, z, self.weight, self.eps, self.group_size)
+
+
+class Mamba2(nn.Module):
+    """The Mamba2 mixer: (B, L, d_model) -> (B, L, d_model), plus prefill and one-token steps."""
+
+    def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 2, headdim: int = 64,
+                 ngroups: int = 1, chunk_size: int = 256, layer_idx: int | None = None) -> None:
+        super().__init__()
+        if d_conv < 2:
+            raise ValueError(f"Mamba2: d_conv must be >= 2, got {d_conv}")
+        d_inner = expand * d_model
+        if d_inner % headdim:
+            raise ValueError(f"Mamba2: expand * d_model = {d_inner} is not a multiple of headdim {headdim}")
+        nheads = d_inner // headdim
+        if nheads % ngroups:
+            raise ValueError(f"Mamba2: nheads = {nheads} is not a multiple of ngroups {ngroups}")
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.headdim, self.ngroups, self.chunk_size, self.layer_idx = headdim, ngroups, chunk_size, layer_idx
+        self.d_inner, self.nheads = d_inner, nheads
+        self.conv_dim = d_inner + 2 * ngroups * d_state
+
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=False)  # [z, x, B, C, dt]
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=True)
+        self.dt_bias = nn.Parameter(torch.empty(nheads))
+        self.A_log = nn.Parameter(torch.empty(nheads))
+        self.D = nn.Parameter(torch.empty(nheads))
+        self.norm = GatedRMSNorm(d_inner, eps=1e-5, group_size=d_inner // ngroups)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True  # the same marker mamba_ssm sets; see HybridLM.param_groups
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """mamba_ssm's init for a standalone mixer (HybridLM.init_weights re-initialises the projections)."""
+        self.in_proj.reset_parameters()
+        self.conv1d.reset_parameters()
+        self.out_proj.reset_parameters()
+        with torch.no_grad():
+            self.dt_bias.copy_(init_dt_bias(self.nheads))
+            self.A_log.copy_(init_A_log(self.nheads))
+            self.D.fill_(1.0)
+            self.norm.weight.fill_(1.0)
+
+    def _split(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[z, xBC, dt] from the in_proj output (..., d_in_proj)."""
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def forward(self, u: torch.Tensor, return_state: bool = False) -> tuple[torch.Tensor, MambaState | None]:
+        """u (B, L, d_model) -> (y (B, L, d_model), the state after the last token if return_state else None)."""
+        b, l, _ = u.shape
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        z, xBC, dt = self._split(self.in_proj(u))  # (B, L, d_inner), (B, L, conv_dim), (B, L, nheads)
+        conv_state = None
+        if return_state:  # the conv's last d_conv-1 inputs, zeros in front of a prompt shorter than that
+            w1 = self.d_conv - 1
+            conv_state = F.pad(xBC.transpose(1, 2), (max(w1 - l, 0), 0))[..., -w1:].float().contiguous()  # (B, conv_dim, w1)
+        xBC = kernels.causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias)  # (B, L, conv_dim)
+        x, B, C = torch.split(xBC, [self.d_inner, g * n, g * n], dim=-1)
+        A = -torch.exp(self.A_log.float())  # (h,)
+        y, ssm_state = kernels.ssd(x.reshape(b, l, h, p), dt, A, B.reshape(b, l, g, n), C.reshape(b, l, g, n),
+                                   self.D, self.dt_bias, self.chunk_size, return_state=return_state)  # (B, L, h, p)
+        y = self.norm(y.reshape(b, l, self.d_inner), z)  # (B, L, d_inner)
+        out = self.out_proj(y)  # (B, L, d_model)
+        return out, (MambaState(conv_state, ssm_state.float()) if return_state else None)
+
+    def allocate_state(self, batch: int, device: torch.device | str) -> MambaState:
+        """A zero state, as before any token."""
+        return MambaState(torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device),
+                          torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device))
+
+    def step(self, u: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """One token per sequence: u (B, d_model) -> (B, d_model); ``state`` is updated in place.
+        Costs the same whatever the number of tokens already seen."""
+        b = u.shape[0]
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        z, xBC, dt = self._split(self.in_proj(u))  # (B, d_inner), (B, conv_dim), (B, nheads)
+        xBC = kernels.conv_step(xBC, state.conv, self.conv1d.weight, self.conv1d.bias)  # (B, conv_dim)
+        x, B, C = torch.split(xBC, [self.d_inner, g * n, g * n], dim=-1)
+        A = -torch.exp(self.A_log.float())  # (h,)
+        y = kernels.ssd_step(state.ssm, x.reshape(b, h, p), dt, A, B.reshape(b, g, n), C.reshape(b, g, n),
+                             self.D, self.dt_bias)  # (B, h, p)
+        y = self.norm(y.reshape(b, self.d_inner).to(z.dtype), z)  # (B, d_inner)
+        return self.out_proj(y)  # (B, d_model)

@@ -1,0 +1,492 @@
+"""The language model: a stack of pre-norm blocks, each mixing with Mamba2 or causal attention.
+
+Owns :class:`ModelConfig` (the hybrid is data: ``layer_pattern`` says which layer is which), the
+presets, the attention layer with its rotary embedding and KV cache, the block, and :class:`HybridLM`
+with its loss, parameter groups, FLOP estimate and cached decoding (:meth:`HybridLM.prefill`,
+:meth:`HybridLM.step`, :class:`InferenceCache`). The Mamba2 mixer lives in :mod:`arc.mamba2`; which
+compute path it takes is decided in :mod:`arc.kernels`. The model knows nothing of ARC beyond the
+vocabulary size.
+
+Precision: parameters are float32; under bf16 autocast the matrix multiplies run in bf16 while the
+residual stream, the norms, the scan's decays and ``A_log``/``D``/``dt_bias`` stay float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from arc.mamba2 import Mamba2, MambaState, init_A_log, init_dt_bias
+from arc.tokens import BLOCK_SIZE, IGNORE_INDEX, VOCAB_SIZE
+
+MAMBA, ATTENTION = "M", "A"
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+# ---- config -------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """The model's shape. Saved in every checkpoint (``to_dict``) and rebuilt with ``from_dict``."""
+
+    vocab_size: int = _f(VOCAB_SIZE, "number of token ids (the ARC vocabulary by default)")
+    d_model: int = _f(256, "width of the residual stream")
+    n_layer: int = _f(8, "number of blocks")
+    layer_pattern: str = _f("MMMA", "layer kinds, M = Mamba2, A = attention; tiled to n_layer (e.g. 'M' pure Mamba, 'A' GPT)")
+    d_state: int = _f(64, "Mamba2 state size per group (N)")
+    headdim: int = _f(64, "Mamba2 head dimension (P); heads = expand * d_model / headdim")
+    expand: int = _f(2, "Mamba2 inner width = expand * d_model")
+    d_conv: int = _f(4, "Mamba2 causal conv width (2..4 for the causal_conv1d kernel)")
+    ngroups: int = _f(1, "Mamba2 groups sharing B and C (divides the number of Mamba2 heads)")
+    chunk_size: int = _f(64, "Mamba2 SSD chunk length (64 is fastest on CPU, 256 is mamba_ssm's default on GPU)")
+    n_head: int = _f(4, "attention heads (head dim = d_model / n_head, even for rotary)")
+    rope_base: float = _f(10000.0, "rotary embedding base")
+    mlp_hidden: int = _f(0, "hidden width of a gated MLP after each mixer; 0 = no MLP")
+    max_seq_len: int = _f(BLOCK_SIZE, "longest sequence (prompt + generated tokens) the model accepts")
+    dropout: float = _f(0.0, "dropout on the embedding, mixer/MLP outputs and attention weights")
+    tie_embeddings: bool = _f(True, "share the embedding matrix with the output head")
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"ModelConfig.{name} {what}, got {getattr(self, name)!r}")
+
+        for name in ("vocab_size", "d_model", "n_layer", "d_state", "headdim", "expand", "ngroups", "chunk_size",
+                     "n_head", "max_seq_len"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, "must be a positive integer")
+        need(isinstance(self.mlp_hidden, int) and self.mlp_hidden >= 0, "mlp_hidden", "must be an integer >= 0")
+        need(isinstance(self.d_conv, int) and self.d_conv >= 2, "d_conv", "must be an integer >= 2")
+        need(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        need(isinstance(self.rope_base, (int, float)) and self.rope_base > 1.0, "rope_base", "must be > 1")
+        need(isinstance(self.tie_embeddings, bool), "tie_embeddings", "must be a bool")
+        need(isinstance(self.layer_pattern, str) and len(self.layer_pattern) > 0
+             and set(self.layer_pattern) <= {MAMBA, ATTENTION}, "layer_pattern", "must be a non-empty string of 'M' and 'A'")
+        need(self.n_layer % len(self.layer_pattern) == 0, "layer_pattern",
+             f"must tile n_layer={self.n_layer} (its length must divide n_layer)")
+        if MAMBA in self.layer_pattern:
+            d_inner = self.expand * self.d_model
+            need(d_inner % self.headdim == 0, "headdim", f"must divide expand * d_model = {d_inner}")
+            need((d_inner // self.headdim) % self.ngroups == 0, "ngroups",
+                 f"must divide the number of Mamba2 heads {d_inner // self.headdim}")
+        if ATTENTION in self.layer_pattern:
+            need(self.d_model % self.n_head == 0, "n_head", f"must divide d_model={self.d_model}")
+            need((self.d_model // self.n_head) % 2 == 0, "n_head", "must leave an even head dim for rotary")
+
+    @property
+    def layer_kinds(self) -> str:
+        """One character per layer: the pattern tiled to n_layer."""
+        return self.layer_pattern * (self.n_layer // len(self.layer_pattern))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """The inverse of :meth:`to_dict`. Unknown keys are an error; missing keys take their defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig.from_dict: unknown fields {unknown}")
+        return cls(**d)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # tests: both layer kinds and the MLP, a few thousand parameters, milliseconds per step
+    "tiny": dict(d_model=32, n_layer=4, layer_pattern="MMAM", d_state=16, headdim=16, n_head=2, chunk_size=16,
+                 mlp_hidden=64, max_seq_len=512),
+    # the default CPU model: ~3.1M parameters, 6 Mamba2 + 2 attention layers
+    "cpu": dict(d_model=256, n_layer=8, layer_pattern="MMMA", d_state=64, headdim=64, n_head=4, chunk_size=64),
+    # one GPU: ~25M parameters, 12 Mamba2 + 4 attention layers, mamba_ssm's chunk size for the kernels
+    "gpu": dict(d_model=512, n_layer=16, layer_pattern="MMMA", d_state=128, headdim=64, n_head=8, chunk_size=256),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named ModelConfig (``tiny``, ``cpu``, ``gpu``), with fields overridden by keyword."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# ---- layers -------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 whatever the autocast dtype; one parameter, ``weight``."""
+
+    def __init__(self, d: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (rotate-half form) for positions 0..max_seq_len-1."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float) -> None:
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
+        angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq  # (T_max, hd/2)
+        # not in the state dict: derived from the config, so checkpoints stay the learned weights only
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (B, H, T, hd) at positions (T,) shared or (B, T) per sequence -> same shape and dtype."""
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, hd/2) or (B, T, hd/2)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd/2)
+        x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, hd/2) each
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """An attention layer's decoding state: keys (rotated) and values for every slot of every sequence."""
+
+    k: torch.Tensor  # (B, H, T_max, hd)
+    v: torch.Tensor  # (B, H, T_max, hd)
+
+    def select(self, index: torch.Tensor) -> KVCache:
+        return KVCache(self.k.index_select(0, index), self.v.index_select(0, index))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through ``F.scaled_dot_product_attention``, with rotary."""
+
+    def __init__(self, d_model: int, n_head: int, max_seq_len: int, rope_base: float, dropout: float) -> None:
+        super().__init__()
+        self.n_head, self.head_dim, self.dropout = n_head, d_model // n_head, dropout
+        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=False)  # [q, k, v]
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.rotary = Rotary(self.head_dim, max_seq_len, rope_base)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> q, k, v (B, H, T, hd), not yet rotated."""
+        b, t, _ = x.shape
+        qkv = self.in_proj(x).view(b, t, 3, self.n_head, self.head_dim)  # (B, T, 3, H, hd)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x: torch.Tensor, return_state: bool = False) -> tuple[torch.Tensor, KVCache | None]:
+        """x (B, T, C) -> (y (B, T, C), the keys and values if return_state else None)."""
+        b, t, c = x.shape
+        q, k, v = self._qkv(x)  # (B, H, T, hd) each
+        positions = torch.arange(t, device=x.device)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = self.out_proj(y.transpose(1, 2).reshape(b, t, c))  # (B, T, C)
+        return y, (KVCache(k, v) if return_state else None)
+
+    def step(self, x: torch.Tensor, cache: KVCache, lengths: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: x (B, C) at positions ``lengths`` (B,); writes its key and value into
+        slot ``lengths[i]`` of sequence i and attends to slots 0..lengths[i] only."""
+        b, c = x.shape
+        q, k, v = self._qkv(x[:, None])  # (B, H, 1, hd) each
+        q, k = self.rotary(q, lengths[:, None]), self.rotary(k, lengths[:, None])
+        rows = torch.arange(b, device=x.device)
+        cache.k[rows, :, lengths] = k[:, :, 0].to(cache.k.dtype)  # (B, H, hd) into slot lengths[i]
+        cache.v[rows, :, lengths] = v[:, :, 0].to(cache.v.dtype)
+        slots = torch.arange(cache.k.shape[2], device=x.device)
+        visible = (slots[None, :] <= lengths[:, None])[:, None, None, :]  # (B, 1, 1, T_max)
+        y = F.scaled_dot_product_attention(q.to(cache.k.dtype), cache.k, cache.v, attn_mask=visible)  # (B, H, 1, hd)
+        return self.out_proj(y.reshape(b, c).to(x.dtype))  # (B, C)
+
+
+class GatedMLP(nn.Module):
+    """``fc2(a * silu(g))`` where ``[a, g] = fc1(x)`` (mamba_ssm's GatedMLP names)."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.fc1(x).chunk(2, dim=-1)  # (..., hidden) each
+        return self.fc2(a * F.silu(gate))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm2(x))`` when there is an MLP.
+    The residual stream ``x`` stays float32 under autocast."""
+
+    def __init__(self, kind: str, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(cfg.d_model)
+        if kind == MAMBA:
+            self.mixer: nn.Module = Mamba2(cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
+                                           headdim=cfg.headdim, ngroups=cfg.ngroups, chunk_size=cfg.chunk_size,
+                                           layer_idx=layer_idx)
+        else:
+            self.mixer = CausalSelfAttention(cfg.d_model, cfg.n_head, cfg.max_seq_len, cfg.rope_base, cfg.dropout)
+        self.norm2 = RMSNorm(cfg.d_model) if cfg.mlp_hidden else None
+        self.mlp = GatedMLP(cfg.d_model, cfg.mlp_hidden) if cfg.mlp_hidden else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, return_state: bool = False) -> tuple[torch.Tensor, MambaState | KVCache | None]:
+        """x (B, T, C) float32 -> (x (B, T, C) float32, the mixer's decoding state or None)."""
+        h, state = self.mixer(self.norm(x), return_state=return_state)  # (B, T, C)
+        x = x + self.drop(h).float()
+        if self.mlp is not None:
+            x = x + self.drop(self.mlp(self.norm2(x))).float()
+        return x, state
+
+    def step(self, x: torch.Tensor, state: MambaState | KVCache, lengths: torch.Tensor) -> torch.Tensor:
+        """x (B, C) float32, one token per sequence -> (B, C) float32; ``state`` is updated in place."""
+        if self.kind == MAMBA:
+            h = self.mixer.step(self.norm(x), state)
+        else:
+            h = self.mixer.step(self.norm(x), state, lengths)
+        x = x + h.float()
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x)).float()
+        return x
+
+
+# ---- decoding state -----------------------------------------------------------------------------
+@dataclass
+class InferenceCache:
+    """Every layer's decoding state for a batch of sequences, and how many tokens each has seen.
+
+    Mamba2 layers hold a fixed-size :class:`~arc.mamba2.MambaState`; attention layers a
+    :class:`KVCache` with ``capacity`` slots per sequence.
+    """
+
+    layers: list[MambaState | KVCache]
+    lengths: torch.Tensor  # (B,) long: tokens seen so far = the position of the next token
+    capacity: int  # slots per sequence in the KV caches: the longest prompt + max_new_tokens
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def select(self, index: torch.Tensor) -> InferenceCache:
+        """Keep only the sequences ``index`` (LongTensor of batch positions, in the new order).
+        Changes this cache in place and returns it, so ``cache = cache.select(i)`` and
+        ``cache.select(i)`` both work."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.lengths.device)
+        if index.dim() != 1:
+            raise ValueError(f"InferenceCache.select: index must be 1-D, got shape {tuple(index.shape)}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.batch_size):
+            raise IndexError(f"InferenceCache.select: index out of range for a batch of {self.batch_size}")
+        self.layers = [layer.select(index) for layer in self.layers]
+        self.lengths = self.lengths.index_select(0, index)
+        return self
+
+
+# ---- the model ----------------------------------------------------------------------------------
+class HybridLM(nn.Module):
+    """Token embedding, ``n_layer`` blocks (kinds from ``cfg.layer_pattern``), final RMSNorm, output head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(kind, cfg, i) for i, kind in enumerate(cfg.layer_kinds))
+        self.norm_f = RMSNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter (the only place the model's init lives). L = n_layer.
+
+        ================================  =====================================================
+        parameter                         init
+        ================================  =====================================================
+        embedding.weight                  N(0, 0.02); also the output head when tied
+        lm_head.weight (untied)           N(0, 0.02)
+        \\*.norm.weight, norm2, norm_f     1 (RMSNorm; the Mamba2 gated norm too)
+        attention mixer.in_proj.weight    N(0, 0.02)
+        Mamba2 mixer.in_proj.weight       N(0, 0.02)
+        mlp.fc1.weight                    N(0, 0.02)
+        mixer.out_proj.weight, fc2        N(0, 0.02 / sqrt(2 L)): residual branches, GPT-2 scaling
+        mixer.conv1d.weight, .bias        U(-1/sqrt(d_conv), 1/sqrt(d_conv)): nn.Conv1d's default
+        mixer.dt_bias                     softplus^-1(dt), dt log-uniform in [1e-3, 1e-1], >= 1e-4
+        mixer.A_log                       log(A), A uniform in [1, 16] per head
+        mixer.D                           1
+        ================================  =====================================================
+
+        The last four rows are ``mamba_ssm``'s Mamba2 init; dt_bias, A_log and D are never decayed.
+        """
+        std = 0.02
+        residual_std = std / math.sqrt(2 * self.cfg.n_layer)
+        nn.init.normal_(self.embedding.weight, 0.0, std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, 0.0, std)
+        self.norm_f.weight.fill_(1.0)
+        for block in self.layers:
+            block.norm.weight.fill_(1.0)
+            mixer = block.mixer
+            nn.init.normal_(mixer.in_proj.weight, 0.0, std)
+            nn.init.normal_(mixer.out_proj.weight, 0.0, residual_std)
+            if isinstance(mixer, Mamba2):
+                bound = 1.0 / math.sqrt(mixer.d_conv)
+                nn.init.uniform_(mixer.conv1d.weight, -bound, bound)
+                nn.init.uniform_(mixer.conv1d.bias, -bound, bound)
+                mixer.dt_bias.copy_(init_dt_bias(mixer.nheads))
+                mixer.A_log.copy_(init_A_log(mixer.nheads))
+                mixer.D.fill_(1.0)
+                mixer.norm.weight.fill_(1.0)
+            if block.mlp is not None:
+                block.norm2.weight.fill_(1.0)
+                nn.init.normal_(block.mlp.fc1.weight, 0.0, std)
+                nn.init.normal_(block.mlp.fc2.weight, 0.0, residual_std)
+
+    # -- training -------------------------------------------------------------------------------
+    def _check_ids(self, idx: torch.Tensor, what: str) -> None:
+        if idx.dtype != torch.long:
+            raise TypeError(f"HybridLM: {what} must be int64 token ids, got {idx.dtype}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"HybridLM: {what} has ids outside 0..{self.cfg.vocab_size - 1}")
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) long -> (logits (B, T, V), mean cross-entropy over targets != -100, or None).
+
+        A batch whose targets are all -100 has loss 0 (not NaN)."""
+        if idx.dim() != 2:
+            raise ValueError(f"HybridLM.forward: idx must be (B, T), got shape {tuple(idx.shape)}")
+        if idx.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"HybridLM.forward: sequence length {idx.shape[1]} > max_seq_len {self.cfg.max_seq_len}")
+        x = self.drop(self.embedding(idx)).float()  # (B, T, C)
+        for block in self.layers:
+            x, _ = block(x)
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        if targets.shape != idx.shape:
+            raise ValueError(f"HybridLM.forward: targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+        total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return logits, total / count
+
+    def no_decay_names(self) -> set[str]:
+        """Parameters trained without weight decay: vectors (norm weights, biases) and the SSM's
+        ``A_log``, ``D``, ``dt_bias`` (marked ``_no_weight_decay`` as in mamba_ssm)."""
+        return {name for name, p in self.named_parameters() if p.dim() < 2 or getattr(p, "_no_weight_decay", False)}
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Two optimizer groups: matrices with ``weight_decay``, everything in :meth:`no_decay_names` without."""
+        skip = self.no_decay_names()
+        named = list(self.named_parameters())
+        return [{"params": [p for n, p in named if n not in skip], "weight_decay": weight_decay},
+                {"params": [p for n, p in named if n in skip], "weight_decay": 0.0}]
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Number of parameters (a tied matrix counted once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and not self.cfg.tie_embeddings:
+            n -= self.embedding.weight.numel()
+        return n
+
+    def estimate_flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs (forward + backward) per token at ``seq_len`` (default max_seq_len), for MFU.
+
+        6 per multiply-add of every matmul weight (projections, conv, output head; not the embedding
+        lookup), plus per layer: attention ``12 * d_model * seq_len`` (QK^T and AV over the full
+        length, the usual convention), Mamba2's chunked scan ``6 * (Q * (g*n + h*p) + 2*h*p*n)``
+        (the full Q x Q chunk products, the chunk states and their read-out).
+        """
+        cfg = self.cfg
+        t = cfg.max_seq_len if seq_len is None else seq_len
+        flops = 6.0 * self.lm_head.weight.numel()
+        for block in self.layers:
+            flops += 6.0 * sum(p.numel() for n, p in block.named_parameters() if p.dim() >= 2)
+            m = block.mixer
+            if isinstance(m, Mamba2):
+                flops += 6.0 * (m.chunk_size * (m.ngroups * m.d_state + m.d_inner) + 2 * m.d_inner * m.d_state)
+            else:
+                flops += 12.0 * cfg.d_model * t
+        return flops
+
+    # -- cached decoding ------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, prompts: list[torch.Tensor], max_new_tokens: int) -> tuple[InferenceCache, torch.Tensor]:
+        """Run the prompts and return a batched decoding cache and the next-token logits (B, V) float32.
+
+        Prompts (1-D LongTensors) may differ in length; those of equal length run together. The cache
+        holds each Mamba2 layer's final scan state and last d_conv-1 conv inputs, and each attention
+        layer's keys and values in ``longest prompt + max_new_tokens`` slots per sequence.
+        """
+        if not prompts:
+            raise ValueError("HybridLM.prefill: no prompts")
+        if max_new_tokens < 0:
+            raise ValueError(f"HybridLM.prefill: max_new_tokens must be >= 0, got {max_new_tokens}")
+        device = self.embedding.weight.device
+        prompts = [torch.as_tensor(p, device=device) for p in prompts]
+        for i, p in enumerate(prompts):
+            if p.dim() != 1 or p.numel() == 0:
+                raise ValueError(f"HybridLM.prefill: prompt {i} must be a non-empty 1-D tensor, got shape {tuple(p.shape)}")
+            self._check_ids(p, f"prompt {i}")
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        capacity = int(lengths.max()) + max_new_tokens
+        if capacity > self.cfg.max_seq_len:
+            raise ValueError(f"HybridLM.prefill: longest prompt {int(lengths.max())} + max_new_tokens {max_new_tokens} "
+                             f"> max_seq_len {self.cfg.max_seq_len}")
+        batch = len(prompts)
+        layers: list[MambaState | KVCache | None] = [None] * len(self.layers)
+        logits = torch.empty(batch, self.cfg.vocab_size, device=device)
+        for length in sorted(set(lengths.tolist())):
+            rows = torch.nonzero(lengths == length).squeeze(1)  # (G,) batch positions of this length
+            x = self.embedding(torch.stack([prompts[i] for i in rows.tolist()])).float()  # (G, L, C)
+            for li, block in enumerate(self.layers):
+                x, state = block(x, return_state=True)
+                if layers[li] is None:  # allocate the batched state on first sight of its dtype
+                    layers[li] = _empty_like_state(state, batch, capacity)
+                _put_state(layers[li], state, rows)
+            logits[rows] = self.lm_head(self.norm_f(x[:, -1])).float()  # (G, V)
+        return InferenceCache(layers, lengths, capacity), logits
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """Feed one token per sequence (B,) and return the next-token logits (B, V) float32.
+
+        Mamba2 layers cost the same per token whatever the prompt length; attention layers read the
+        sequence's filled slots. ``cache`` is advanced in place."""
+        if tokens.shape != (cache.batch_size,):
+            raise ValueError(f"HybridLM.step: tokens must have shape ({cache.batch_size},), got {tuple(tokens.shape)}")
+        if cache.batch_size == 0:  # every sequence was dropped by select
+            return torch.empty(0, self.cfg.vocab_size, device=tokens.device)
+        self._check_ids(tokens, "tokens")
+        if int(cache.lengths.max()) >= cache.capacity:
+            raise ValueError(f"HybridLM.step: the cache is full ({cache.capacity} tokens); prefill with a larger max_new_tokens")
+        x = self.embedding(tokens).float()  # (B, C)
+        for block, state in zip(self.layers, cache.layers):
+            x = block.step(x, state, cache.lengths)
+        cache.lengths = cache.lengths + 1
+        return self.lm_head(self.norm_f(x)).float()  # (B, V)
+
+    def cache_select(self, cache: InferenceCache, index: torch.Tensor) -> InferenceCache:
+        """Same as ``cache.select(index)``."""
+        return cache.select(index)
+
+
+def _empty_like_state(state: MambaState | KVCache, batch: int, capacity: int) -> MambaState | KVCache:
+    """A zero batched state shaped like one group's state, with ``capacity`` slots for KV caches."""
+    if isinstance(state, MambaState):
+        return MambaState(state.conv.new_zeros(batch, *state.conv.shape[1:]), state.ssm.new_zeros(batch, *state.ssm.shape[1:]))
+    b, h, _, hd = state.k.shape
+    return KVCache(state.k.new_zeros(batch, h, capacity, hd), state.v.new_zeros(batch, h, capacity, hd))
+
+
+def _put_state(into: MambaState | KVCache, state: MambaState | KVCache, rows: torch.Tensor) -> None:
+    """Copy one group's state into batch positions ``rows`` of the batched state."""
+    if isinstance(into, MambaState):
+        into.conv[rows] = state.conv.to(into.conv.dtype)
+        into.ssm[rows] = state.ssm.to(into.ssm.dtype)
+    else:
+        length = state.k.shape[2]
+        into.k[rows, :, :length] = state.k.to(into.k.dtype)
+        into.v[rows, :, :length] = state.v.to(into.v.dtype)

@@ -1,0 +1,113 @@
+"""Decoding benchmarks: the cache against recomputing the whole sequence per token, and the wall
+time of solving ARC-AGI-1 evaluation tasks with 8 views.
+
+    python bench/bench_decode.py cache [--prompts 512,2048,3072] [--new 32] [--md docs/BENCHMARKS.md]
+    python bench/bench_decode.py solve --ckpt runs/cpu [--limit 20] [--views 8] [--md ...]
+
+cache  greedy constrained decoding of --new tokens after a prompt of each length, with the model's
+       cache (prefill once, one step per token; arc.solve.decode) and without it (the whole
+       sequence through the model for every token; arc.solve.decode_uncached, its reference twin),
+       for the default CPU model (random weights: speed does not depend on them; both paths must
+       produce the same tokens, which is checked). Timings include the prefill.
+solve  eval.py's solver on the first --limit ARC-AGI-1 evaluation tasks with --views views: seconds
+       per task, extrapolated to all 400 tasks (stated as such).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import subprocess
+import time
+
+import numpy as np
+import torch
+
+from arc.data import load_tasks
+from arc.model import HybridLM, preset
+from arc.solve import SolveConfig, decode, decode_uncached, solve_tasks
+from arc.tokens import IN, OUT, ROW
+
+
+def header(command: str) -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return (f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}. "
+            f"Commit {commit}, {datetime.date.today()}.\nCommand: `{command}`\n")
+
+
+def prompt_of_length(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A layout-shaped prompt: rows of 9 colours and ROW, ending with OUT."""
+    body = []
+    while len(body) < n - 2:
+        body += list(rng.integers(0, 10, 9)) + [ROW]
+    return np.array([IN] + body[: n - 2] + [OUT], dtype=np.int64)
+
+
+def cmd_cache(args) -> str:
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model = HybridLM(preset("cpu")).eval()
+    rng = np.random.default_rng(0)
+    warm = prompt_of_length(256, rng)  # first calls pay for thread pools and allocations: not timed
+    decode(model, [warm], device, max_new_tokens=4)
+    decode_uncached(model, [warm], device, max_new_tokens=4)
+    rows = []
+    for n in [int(x) for x in args.prompts.split(",")]:
+        prompt = prompt_of_length(n, rng)
+        t0 = time.perf_counter()
+        fast = decode(model, [prompt], device, max_new_tokens=args.new)
+        t_fast = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        slow = decode_uncached(model, [prompt], device, max_new_tokens=args.new)
+        t_slow = time.perf_counter() - t0
+        same = fast[0][0] == slow[0][0]
+        rows.append((n, len(fast[0][0]), t_fast, t_slow, same))
+    lines = [header(f"python bench/bench_decode.py cache --prompts {args.prompts} --new {args.new}"),
+             f"Default CPU model ({model.num_params() / 1e6:.2f}M parameters), batch of one prompt, greedy.", "",
+             "| prompt tokens | generated | with cache | recompute | speed-up | same tokens |", "|---|---|---|---|---|---|"]
+    for n, g, tf, ts, same in rows:
+        lines.append(f"| {n} | {g} | {tf:.2f} s | {ts:.2f} s | **{ts / tf:.1f}x** | {'yes' if same else 'NO'} |")
+    return "\n".join(lines)
+
+
+def cmd_solve(args) -> str:
+    from arc.evaluate import load_model
+
+    device = torch.device(args.device)
+    model, ckpt = load_model(args.ckpt, device)
+    tasks = load_tasks("arc1", "eval")[: args.limit]
+    t0 = time.perf_counter()
+    preds = solve_tasks(model, tasks, SolveConfig(views=args.views), device=device, progress=True)
+    dt = time.perf_counter() - t0
+    tokens = sum(p.generated_tokens for p in preds)
+    lines = [header(f"python bench/bench_decode.py solve --ckpt {args.ckpt} --limit {args.limit} --views {args.views}"),
+             f"Checkpoint `{ckpt['path']}` ({model.num_params() / 1e6:.2f}M parameters) on {device}.", "",
+             "| tasks | views | wall time | s/task | generated tokens/s | all 400 tasks (extrapolated) |", "|---|---|---|---|---|---|",
+             f"| {len(tasks)} | {args.views} | {dt:.0f} s | {dt / len(tasks):.1f} | {tokens / dt:,.0f} | "
+             f"~{dt / len(tasks) * 400 / 60:.0f} min |"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cache", help="cached decoding vs recomputation")
+    c.add_argument("--prompts", default="512,2048,3072", help="prompt lengths")
+    c.add_argument("--new", type=int, default=32, help="tokens to generate")
+    s = sub.add_parser("solve", help="wall time of solving ARC-AGI-1 eval tasks")
+    s.add_argument("--ckpt", required=True, help="checkpoint file or run directory")
+    s.add_argument("--limit", type=int, default=20, help="first N evaluation tasks")
+    s.add_argument("--views", type=int, default=8, help="views per test input")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    for x in (c, s):
+        x.add_argument("--md", default=None, help="append the markdown result to this file")
+    args = p.parse_args()
+    text = {"cache": cmd_cache, "solve": cmd_solve}[args.cmd](args)
+    print(text)
+    if args.md:
+        with open(args.md, "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

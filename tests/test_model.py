@@ -1,0 +1,266 @@
+"""The language model (arc/model.py) on a CPU: config, presets, loss, causality, checkpoints,
+parameter groups and cached decoding (prefill + step equal the full forward)."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arc import kernels
+from arc.mamba2 import Mamba2, MambaState
+from arc.model import PRESETS, HybridLM, InferenceCache, KVCache, ModelConfig, preset
+from arc.tokens import IGNORE_INDEX, VOCAB_SIZE
+
+SNAPSHOT = Path(__file__).parent / "data" / "mamba_ssm_mamba2_snapshot.json"
+
+
+def tiny(**overrides) -> HybridLM:
+    torch.manual_seed(0)
+    return HybridLM(preset("tiny", **overrides)).eval()
+
+
+# ---- config -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value", [
+    ("d_model", 0), ("n_layer", -1), ("layer_pattern", "MXA"), ("layer_pattern", ""), ("layer_pattern", "MMA"),
+    ("headdim", 48), ("ngroups", 3), ("n_head", 3), ("dropout", 1.0), ("d_conv", 1), ("mlp_hidden", -4),
+    ("chunk_size", 0), ("vocab_size", 2.5), ("tie_embeddings", "yes"), ("max_seq_len", 0),
+])
+def test_config_validation_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}\b"):
+        ModelConfig(**{**dict(d_model=64, n_layer=4), field: value})
+
+
+def test_config_round_trips_through_a_json_dict_and_rejects_unknown_fields():
+    cfg = preset("cpu", dropout=0.1, tie_embeddings=False)
+    back = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    with pytest.raises(ValueError, match="unknown fields.*'n_embd'"):
+        ModelConfig.from_dict({**cfg.to_dict(), "n_embd": 3})
+    assert ModelConfig.from_dict({}) == ModelConfig()
+
+
+def test_every_config_field_has_a_help_line():
+    import dataclasses
+    for f in dataclasses.fields(ModelConfig):
+        assert f.metadata.get("help"), f.name
+
+
+def test_layer_pattern_is_data_gpt_and_pure_mamba_are_expressible():
+    assert preset("cpu").layer_kinds == "MMMAMMMA"
+    gpt = HybridLM(ModelConfig(d_model=32, n_layer=2, layer_pattern="A", n_head=2, max_seq_len=64))
+    mamba = HybridLM(ModelConfig(d_model=32, n_layer=2, layer_pattern="M", headdim=16, d_state=8, chunk_size=8, max_seq_len=64))
+    assert all(isinstance(b.mixer, Mamba2) for b in mamba.layers)
+    assert not any(isinstance(b.mixer, Mamba2) for b in gpt.layers)
+    idx = torch.randint(0, VOCAB_SIZE, (2, 20))
+    for m in (gpt, mamba):
+        logits, _ = m(idx)
+        assert logits.shape == (2, 20, VOCAB_SIZE)
+
+
+def test_presets_build_and_have_the_documented_sizes():
+    assert set(PRESETS) == {"tiny", "cpu", "gpu"}
+    assert set(preset("tiny").layer_kinds) == {"M", "A"}
+    n_cpu = HybridLM(preset("cpu")).num_params()
+    assert 2e6 < n_cpu < 6e6, n_cpu
+    with torch.device("meta"):  # no memory, no init cost
+        n_gpu = HybridLM(preset("gpu")).num_params()
+    assert 15e6 < n_gpu < 60e6, n_gpu
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+        preset("huge")
+
+
+# ---- forward, loss, causality -------------------------------------------------------------------
+def test_loss_is_cross_entropy_over_targets_and_ignores_minus_100():
+    m = tiny()
+    idx = torch.randint(0, VOCAB_SIZE, (2, 30))
+    y = torch.randint(0, VOCAB_SIZE, (2, 30))
+    y[:, :17] = IGNORE_INDEX
+    logits, loss = m(idx, y)
+    keep = y != IGNORE_INDEX
+    torch.testing.assert_close(loss, F.cross_entropy(logits[keep], y[keep]))
+    _, loss_all_ignored = m(idx, torch.full_like(y, IGNORE_INDEX))
+    assert loss_all_ignored.item() == 0.0
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_changing_token_t_never_changes_earlier_logits():
+    m = tiny()
+    idx = torch.randint(0, VOCAB_SIZE, (1, 40))
+    base, _ = m(idx)
+    for t in (0, 7, 16, 39):  # inside the first chunk, at a chunk boundary (chunk 16), the last token
+        other = idx.clone()
+        other[0, t] = (other[0, t] + 1) % VOCAB_SIZE
+        logits, _ = m(other)
+        torch.testing.assert_close(logits[:, :t], base[:, :t], rtol=0, atol=0)
+        assert not torch.allclose(logits[:, t], base[:, t])
+
+
+def test_eval_is_deterministic_with_dropout_and_train_is_not():
+    m = tiny(dropout=0.5)
+    idx = torch.randint(0, VOCAB_SIZE, (1, 24))
+    assert torch.equal(m(idx)[0], m(idx)[0])
+    m.train()
+    assert not torch.equal(m(idx)[0], m(idx)[0])
+
+
+def test_forward_rejects_too_long_and_bad_inputs():
+    m = tiny()
+    with pytest.raises(ValueError, match="max_seq_len 512"):
+        m(torch.zeros(1, 513, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"idx must be \(B, T\)"):
+        m(torch.zeros(5, dtype=torch.long))
+
+
+def test_bf16_autocast_is_finite_and_keeps_ssm_parameters_float32():
+    m = tiny()
+    idx = torch.randint(0, VOCAB_SIZE, (2, 33))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = m(idx, idx)
+    loss.backward()
+    assert torch.isfinite(logits.float()).all() and torch.isfinite(loss)
+    mixer = m.layers[0].mixer
+    assert mixer.A_log.dtype == mixer.D.dtype == mixer.dt_bias.dtype == torch.float32
+
+
+# ---- parameters, init, checkpoints --------------------------------------------------------------
+def test_param_groups_cover_every_parameter_once_and_skip_decay_on_ssm_scalars():
+    m = tiny()
+    groups = m.param_groups(0.1)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(m.parameters()))
+    no_decay = m.no_decay_names()
+    for suffix in ("A_log", "D", "dt_bias", "norm.weight", "conv1d.bias"):
+        assert any(n.endswith(suffix) for n in no_decay), suffix
+    assert not any(n.endswith(("in_proj.weight", "out_proj.weight")) for n in no_decay)
+    assert groups[1]["weight_decay"] == 0.0 and groups[0]["weight_decay"] == 0.1
+
+
+def test_init_weights_follows_its_table():
+    torch.manual_seed(0)
+    m = HybridLM(preset("cpu"))
+    mixer = m.layers[0].mixer
+    assert torch.equal(mixer.D.detach(), torch.ones_like(mixer.D))
+    dt = F.softplus(mixer.dt_bias.detach())
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+    A = mixer.A_log.detach().exp()
+    assert A.min() >= 1.0 and A.max() <= 16.0
+    assert abs(m.embedding.weight.std().item() - 0.02) < 0.003
+    assert abs(mixer.in_proj.weight.std().item() - 0.02) < 0.002
+    assert abs(mixer.out_proj.weight.std().item() - 0.02 / 4) < 0.001  # 0.02 / sqrt(2 * 8)
+    assert m.lm_head.weight is m.embedding.weight
+    for name in ("norm_f", "layers.3.norm"):
+        assert torch.equal(m.get_submodule(name).weight.detach(), torch.ones(256))
+
+
+def test_checkpoint_state_dict_loads_strictly_and_reproduces_logits():
+    m = tiny()
+    buf = io.BytesIO()
+    torch.save({"model": m.state_dict(), "model_config": m.cfg.to_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    torch.manual_seed(1)
+    m2 = HybridLM(ModelConfig.from_dict(ckpt["model_config"])).eval()
+    m2.load_state_dict(ckpt["model"], strict=True)
+    idx = torch.randint(0, VOCAB_SIZE, (1, 25))
+    assert torch.equal(m(idx)[0], m2(idx)[0])
+    assert not any("rotary" in k for k in ckpt["model"])  # derived buffers are not saved
+
+
+def test_state_dict_is_the_same_whichever_path_is_chosen():
+    with kernels.reference_path():
+        keys_ref = {k: v.shape for k, v in tiny().state_dict().items()}
+    assert keys_ref == {k: v.shape for k, v in tiny().state_dict().items()}
+
+
+def test_model_mixers_use_mamba_ssm_names_and_shapes():
+    case = json.loads(SNAPSHOT.read_text())["cases"][2]  # d_model 256, d_state 64, headdim 64: the cpu preset
+    assert {k: case["kwargs"][k] for k in ("d_model", "d_state", "headdim")} == \
+           {k: getattr(preset("cpu"), k) for k in ("d_model", "d_state", "headdim")}
+    sd = HybridLM(preset("cpu")).state_dict()
+    mixer = {k[len("layers.0.mixer."):]: list(v.shape) for k, v in sd.items() if k.startswith("layers.0.mixer.")}
+    assert mixer == case["state_dict"]
+
+
+def test_flops_estimate_counts_matmuls_and_grows_with_attention_length():
+    m = HybridLM(preset("cpu"))
+    f1, f4 = m.estimate_flops_per_token(1024), m.estimate_flops_per_token(4096)
+    assert f1 > 6 * (m.num_params() - m.embedding.weight.numel())
+    assert f4 - f1 == pytest.approx(2 * 12 * 256 * 3072)  # two attention layers
+
+
+# ---- cached decoding ----------------------------------------------------------------------------
+def _check_decoding(m: HybridLM, prompt_lengths, new_tokens: int, atol: float = 2e-5):
+    gen = torch.Generator().manual_seed(3)
+    full = [torch.randint(0, VOCAB_SIZE, (n + new_tokens,), generator=gen) for n in prompt_lengths]
+    prompts = [f[:n] for f, n in zip(full, prompt_lengths)]
+    ref = [m(f[None])[0][0] for f in full]  # (n + new, V) each
+    cache, logits = m.prefill(prompts, new_tokens)
+    assert isinstance(cache, InferenceCache) and logits.shape == (len(prompts), VOCAB_SIZE)
+    for i, n in enumerate(prompt_lengths):
+        torch.testing.assert_close(logits[i], ref[i][n - 1], rtol=0, atol=atol)
+    for t in range(new_tokens):
+        logits = m.step(torch.stack([f[n + t] for f, n in zip(full, prompt_lengths)]), cache)
+        for i, n in enumerate(prompt_lengths):
+            torch.testing.assert_close(logits[i], ref[i][n + t], rtol=0, atol=atol)
+    return cache
+
+
+def test_prefill_then_steps_equal_full_forward_for_a_batch_of_different_lengths():
+    m = tiny()
+    cache = _check_decoding(m, [5, 40, 17, 40, 1], new_tokens=7)
+    assert cache.lengths.tolist() == [12, 47, 24, 47, 8]
+    kinds = [type(s) for s in cache.layers]
+    assert kinds == [MambaState, MambaState, KVCache, MambaState]
+
+
+def test_decoding_works_for_pure_attention_and_pure_mamba_under_inference_mode():
+    for pattern, extra in (("A", {}), ("M", {"mlp_hidden": 0})):
+        m = tiny(layer_pattern=pattern, n_layer=2, **extra)
+        with torch.inference_mode():
+            _check_decoding(m, [3, 20], new_tokens=4)
+
+
+def test_mamba_state_size_does_not_depend_on_prompt_length():
+    m = tiny(layer_pattern="M", n_layer=2)
+    short, _ = m.prefill([torch.zeros(3, dtype=torch.long)], 1)
+    long, _ = m.prefill([torch.zeros(300, dtype=torch.long)], 1)
+    for a, b in zip(short.layers, long.layers):
+        assert a.conv.shape == b.conv.shape and a.ssm.shape == b.ssm.shape
+
+
+def test_cache_select_drops_sequences_and_the_rest_continue_exactly():
+    m = tiny()
+    gen = torch.Generator().manual_seed(5)
+    full = [torch.randint(0, VOCAB_SIZE, (n + 4,), generator=gen) for n in (9, 23, 14)]
+    lens = [9, 23, 14]
+    cache, _ = m.prefill([f[:n] for f, n in zip(full, lens)], 4)
+    m.step(torch.stack([f[n] for f, n in zip(full, lens)]), cache)
+    kept = [2, 0]
+    assert cache.select(torch.tensor(kept)) is cache and cache.batch_size == 2
+    cache = m.cache_select(cache, torch.arange(2))  # the model-level alias; keeping everyone changes nothing
+    for t in (1, 2):
+        logits = m.step(torch.stack([full[i][lens[i] + t] for i in kept]), cache)
+        for row, i in enumerate(kept):
+            ref = m(full[i][None, :lens[i] + t + 1])[0][0, -1]
+            torch.testing.assert_close(logits[row], ref, rtol=0, atol=2e-5)
+    with pytest.raises(IndexError):
+        cache.select(torch.tensor([2]))
+    cache.select(torch.tensor([], dtype=torch.long))  # everyone finished
+    assert m.step(torch.zeros(0, dtype=torch.long), cache).shape == (0, VOCAB_SIZE)
+
+
+def test_step_refuses_to_overrun_the_cache_and_prefill_checks_lengths():
+    m = tiny()
+    cache, _ = m.prefill([torch.zeros(4, dtype=torch.long)], 1)
+    m.step(torch.zeros(1, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="cache is full"):
+        m.step(torch.zeros(1, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="max_seq_len 512"):
+        m.prefill([torch.zeros(500, dtype=torch.long)], 13)
+    with pytest.raises(ValueError, match="prompt 1 must be a non-empty 1-D"):
+        m.prefill([torch.zeros(3, dtype=torch.long), torch.zeros(0, dtype=torch.long)], 1)
