@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from arc import checkpoint, data
+from arc import checkpoint, data, kernels
 from arc.dist import pick_device
 from arc.model import HybridLM, ModelConfig
 from arc.report import build_results, write_report
@@ -98,6 +98,7 @@ def evaluate(
     """Solve and score a split with a checkpoint; returns the results dict (also written to ``out``)."""
     dev = pick_device(device)
     model, saved = load_model(ckpt, dev, which)
+    log.info("%s on %s; %s", saved["path"], dev, kernels.describe())
     tasks = select_tasks(data.load_tasks(data_spec, split), task_ids, limit)
     t0 = time.time()
     if ttt is not None:

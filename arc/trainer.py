@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from arc import checkpoint, data, synthetic
+from arc import checkpoint, data, kernels, synthetic
 from arc.config import help_field, to_dict
 from arc.dist import DistInfo, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from arc.loader import ArcDataLoader
@@ -321,7 +321,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
         (run_dir / "config.json").write_text(json.dumps({"train": to_dict(cfg), "model": model_cfg.to_dict(),
                                                          "params": raw_model.num_params(), "world_size": info.world_size}, indent=2))
         print(f"run {run_dir}: {raw_model.num_params() / 1e6:.2f}M parameters on {device} x{info.world_size}, "
-              f"steps {start_step}->{cfg.steps}", file=sys.stderr)
+              f"steps {start_step}->{cfg.steps}; {kernels.describe()}", file=sys.stderr)
     log_file = open(run_dir / "log.jsonl", "a") if info.is_main else None
     bar = None
     if info.is_main and cfg.progress:
