@@ -182,8 +182,13 @@ class ArcDataLoader:
             yield self.next_batch()
 
     def epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The remaining batches of the current epoch only (for a full pass over a validation set)."""
+        """The remaining batches of the current epoch, or all of the next one if the current one is
+        used up: one full pass, for a validation set or a benchmark."""
         self._ensure_plan()
+        if self.position >= len(self._plan):
+            self.epoch += 1
+            self.position = 0
+            self._ensure_plan()
         while self.position < len(self._plan):
             yield self.next_batch()
 

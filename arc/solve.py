@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -220,9 +220,20 @@ def solve_task(model: Any, task: Task, cfg: SolveConfig, device: torch.device) -
     return TaskPrediction(task.id, tests, time.time() - t0, generated)
 
 
+class Adapter(Protocol):
+    """Something that changes the model for one task and undoes it (test-time training)."""
+
+    def fit(self, task: Task, device: torch.device) -> dict[str, Any]: ...
+
+    def restore(self) -> None: ...
+
+
 def solve_tasks(model: Any, tasks: Sequence[Task], cfg: SolveConfig, *, device: torch.device,
-                progress: bool = True) -> list[TaskPrediction]:
-    """Solve tasks one after another with a progress bar (tasks done, running score, ETA)."""
+                progress: bool = True, adapter: Adapter | None = None) -> list[TaskPrediction]:
+    """Solve tasks one after another with a progress bar (tasks done, running score, ETA).
+
+    With an ``adapter``, each task is ``adapter.fit`` before it is solved and ``adapter.restore``
+    after; what ``fit`` returns is recorded in every test's info under ``"adapt"``."""
     was_training = model.training
     model.eval()
     results: list[TaskPrediction] = []
@@ -230,11 +241,22 @@ def solve_tasks(model: Any, tasks: Sequence[Task], cfg: SolveConfig, *, device: 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(tasks), desc="solve", unit="task", dynamic_ncols=True)
+        bar = tqdm(total=len(tasks), desc="solve" if adapter is None else "ttt+solve", unit="task", dynamic_ncols=True)
     scores: list[float] = []
     try:
         for task in tasks:
-            pred = solve_task(model, task, cfg, device)
+            t0 = time.time()
+            try:
+                fitted = adapter.fit(task, device) if adapter is not None else None
+                model.eval()
+                pred = solve_task(model, task, cfg, device)
+            finally:
+                if adapter is not None:
+                    adapter.restore()
+            if fitted is not None:
+                pred.seconds = time.time() - t0
+                for t in pred.tests:
+                    t.info["adapt"] = fitted
             results.append(pred)
             known = [c for c in pred.correct if c is not None]
             if known and len(known) == len(pred.correct):

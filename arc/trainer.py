@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import resource
 import sys
 import time
@@ -33,7 +32,7 @@ from arc.dist import DistInfo, all_reduce_sum, barrier, destroy_distributed, ini
 from arc.loader import ArcDataLoader
 from arc.model import HybridLM, ModelConfig
 from arc.text import DEFAULT_ENCODING, TextLoader
-from arc.tokens import IGNORE_INDEX, PAD, Targets
+from arc.tokens import IGNORE_INDEX, PAD
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import torch
 
 from arc import data
 from arc.loader import ArcDataLoader
-from arc.solve import SolveConfig, TaskPrediction, solve_task
+from arc.solve import SolveConfig, TaskPrediction, solve_tasks
 from arc.tokens import BLOCK_SIZE, IGNORE_INDEX
 from arc.trainer import loss_sum
 
@@ -68,11 +68,13 @@ class TaskFineTuner:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.95))
 
-    def fit(self, task: data.Task, device: torch.device) -> list[float]:
-        """Fine-tune on the task's demonstrations; the loss of each step (empty if it cannot)."""
+    def fit(self, task: data.Task, device: torch.device) -> dict:
+        """Fine-tune on the task's demonstrations; returns steps run, first and last loss, seconds
+        (no steps for a task with a single demonstration)."""
+        t0 = time.time()
         loader = ttt_loader(task, self.cfg)
         if loader is None:
-            return []
+            return {"steps": 0, "first_loss": None, "last_loss": None, "seconds": 0.0}
         self.optimizer.state.clear()
         self.model.train()
         losses = []
@@ -91,7 +93,8 @@ class TaskFineTuner:
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
         self.model.eval()
-        return losses
+        return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
+                "seconds": round(time.time() - t0, 3)}
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -109,38 +112,6 @@ def _autocast(device: torch.device):
 
 def solve_tasks_with_ttt(model: torch.nn.Module, tasks: Sequence[data.Task], solve_cfg: SolveConfig, cfg: TTTConfig,
                          *, device: torch.device, progress: bool = True) -> list[TaskPrediction]:
-    """For each task: fine-tune on its demonstrations, predict its test outputs, restore."""
-    trainer = TaskFineTuner(model, cfg)
-    results: list[TaskPrediction] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(tasks), desc="ttt+solve", unit="task", dynamic_ncols=True)
-    scores: list[float] = []
-    try:
-        for task in tasks:
-            t0 = time.time()
-            losses = trainer.fit(task, device)
-            fit_seconds = time.time() - t0
-            pred = solve_task(model, task, solve_cfg, device)
-            trainer.restore()
-            pred.seconds = time.time() - t0
-            for t in pred.tests:
-                t.info["ttt"] = {"steps": len(losses), "first_loss": losses[0] if losses else None,
-                                 "last_loss": losses[-1] if losses else None, "seconds": round(fit_seconds, 3)}
-            results.append(pred)
-            known = [c for c in pred.correct if c is not None]
-            if known and len(known) == len(pred.correct):
-                scores.append(sum(known) / len(known))
-            if bar is not None:
-                bar.set_postfix(score=f"{sum(scores) / max(len(scores), 1):.3f}",
-                                loss=f"{losses[-1]:.3f}" if losses else "-")
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        trainer.restore()
-        model.eval()
-    return results
-
+    """For each task: fine-tune on its demonstrations, predict its test outputs, restore the weights.
+    Each test's info records the fine-tuning under ``"adapt"``."""
+    return solve_tasks(model, tasks, solve_cfg, device=device, progress=progress, adapter=TaskFineTuner(model, cfg))

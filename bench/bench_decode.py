@@ -15,24 +15,16 @@ solve  eval.py's solver on the first --limit ARC-AGI-1 evaluation tasks with --v
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import subprocess
 import time
 
 import numpy as np
 import torch
 
+from common import emit, header
 from arc.data import load_tasks
 from arc.model import HybridLM, preset
 from arc.solve import SolveConfig, decode, decode_uncached, solve_tasks
 from arc.tokens import IN, OUT, ROW
-
-
-def header(command: str) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return (f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}. "
-            f"Commit {commit}, {datetime.date.today()}.\nCommand: `{command}`\n")
 
 
 def prompt_of_length(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -103,10 +95,7 @@ def main() -> None:
         x.add_argument("--md", default=None, help="append the markdown result to this file")
     args = p.parse_args()
     text = {"cache": cmd_cache, "solve": cmd_solve}[args.cmd](args)
-    print(text)
-    if args.md:
-        with open(args.md, "a") as f:
-            f.write(text + "\n")
+    emit(text, args.md)
 
 
 if __name__ == "__main__":

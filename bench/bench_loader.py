@@ -11,13 +11,11 @@ All three apply the default training augmentation, so batches/s includes augment
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import subprocess
 import time
 
 import torch
 
+from common import emit, header
 from arc.data import load_tasks
 from arc.loader import ArcDataLoader
 from arc.tokens import PAD
@@ -57,23 +55,15 @@ def main() -> None:
         r = measure(ArcDataLoader(tasks, batch_size=args.batch_size, seed=0, **opts), args.epochs)
         rows.append((name, r))
     base = rows[0][1]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread, "
-        f"torch {torch.__version__}. Commit {commit}, {datetime.date.today()}.",
-        f"Command: `python bench/bench_loader.py --data {args.data} --batch-size {args.batch_size} --epochs {args.epochs}`",
-        "",
+        header(f"python bench/bench_loader.py --data {args.data} --batch-size {args.batch_size} --epochs {args.epochs}"),
         "| loader | real-token share | padded tokens / epoch | vs seed | batches/s |",
         "|---|---|---|---|---|",
     ]
     for name, r in rows:
         lines.append(f"| {name} | {r['real_share']:.1%} | {r['padded_tokens_per_epoch']:,.0f} | "
                      f"{base['padded_tokens_per_epoch'] / r['padded_tokens_per_epoch']:.2f}x fewer | {r['batches_per_s']:.0f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

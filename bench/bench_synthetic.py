@@ -10,13 +10,11 @@ in training) greedily on the original view and reports the share solved exactly.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import subprocess
 import time
 
 import torch
 
+from common import emit, header
 from arc.model import preset
 from arc.solve import SolveConfig, solve_tasks
 from arc.synthetic import RULES, make_tasks
@@ -58,12 +56,9 @@ def main() -> None:
         per_rule.setdefault(rule, []).extend(bool(c) for c in pred.correct)
     mean = sum(sum(v) / len(v) for v in per_rule.values()) / len(per_rule)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     tokens = steps * args.tokens_per_step
     lines = [
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
-        f"Commit {commit}, {datetime.date.today()}.",
-        f"Command: `python bench/bench_synthetic.py --minutes {args.minutes:g} --tasks {args.tasks} --per-rule {args.per_rule}`",
+        header(f"python bench/bench_synthetic.py --minutes {args.minutes:g} --tasks {args.tasks} --per-rule {args.per_rule}"),
         f"Model preset `{args.model}` ({result.model.num_params() / 1e6:.2f}M parameters), {steps} steps, "
         f"~{tokens / 1e6:.1f}M real tokens, {train_s / 60:.1f} min training; final training loss {result.losses[-1]:.4f}.",
         f"**Mean exact match over {len(per_rule)} rules: {mean:.1%}** (greedy, original view, "
@@ -72,11 +67,7 @@ def main() -> None:
         "| rule | solved |",
         "|---|---|",
     ] + [f"| {rule} | {sum(v)}/{len(v)} |" for rule, v in sorted(per_rule.items())]
-    text = "\n".join(lines)
-    print(text)
-    if args.md:
-        with open(args.md, "a") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.md)
 
 
 if __name__ == "__main__":

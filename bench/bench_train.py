@@ -21,9 +21,7 @@ length      forward+backward time of one sequence of length L for the hybrid, a 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -31,18 +29,12 @@ import time
 
 import torch
 
+from common import emit, header
 from arc.data import load_tasks
 from arc.loader import ArcDataLoader
 from arc.model import HybridLM, ModelConfig, preset
 from arc.tokens import PAD
 from arc.trainer import loss_sum
-
-
-def header(command: str) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return (f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-            f"{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}. Commit {commit}, "
-            f"{datetime.date.today()}.\nCommand: `{command}`\n")
 
 
 def seed_gpt(target_params: int) -> ModelConfig:
@@ -200,10 +192,7 @@ def main() -> None:
         s.add_argument("--md", default=None, help="append the markdown result to this file")
     args = p.parse_args()
     text = {"throughput": cmd_throughput, "memory": cmd_memory, "length": cmd_length}[args.cmd](args)
-    print(text)
-    if args.md:
-        with open(args.md, "a") as f:
-            f.write(text + "\n")
+    emit(text, args.md)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,7 +14,6 @@ from arc.evaluate import IncompatibleCheckpoint, load_model
 from arc.model import HybridLM, preset
 from arc.solve import decode, decode_uncached
 from arc.tokens import encode_prompt
-from arc.trainer import TrainConfig, train
 
 
 def tiny():

@@ -120,6 +120,13 @@ def test_ranks_see_disjoint_shares_of_every_epoch():
         assert len(everything) - len(shares[0] | shares[1]) <= 4
 
 
+def test_epoch_batches_gives_a_full_pass_each_call():
+    loader = ArcDataLoader(random_tasks(20), batch_size=4, augment=False)
+    first = [x for x, _ in loader.epoch_batches()]
+    second = [x for x, _ in loader.epoch_batches()]
+    assert len(first) == len(second) == loader.batches_per_epoch() and loader.epoch == 1
+
+
 def test_token_budget_bounds_every_batch():
     loader = ArcDataLoader(random_tasks(60, max_side=20), batch_size=16, max_tokens=4096, seed=2)
     for _ in range(loader.batches_per_epoch()):

@@ -1,5 +1,4 @@
 """Test-time training: built from demonstrations only, restores weights exactly, and learns."""
-import numpy as np
 import torch
 
 from arc.data import Pair, Task, load_tasks
@@ -42,7 +41,7 @@ def test_weights_are_restored_exactly_after_each_task():
     tasks = [small_task()]
     preds = solve_tasks_with_ttt(model, tasks, SolveConfig(views=1), TTTConfig(steps=2, batch_size=2), device=CPU,
                                  progress=False)
-    assert len(preds) == 1 and preds[0].tests[0].info["ttt"]["steps"] == 2
+    assert len(preds) == 1 and preds[0].tests[0].info["adapt"]["steps"] == 2
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -73,4 +72,4 @@ def test_a_single_demonstration_task_is_predicted_without_ttt():
     assert ttt_loader(single, TTTConfig()) is None
     model = HybridLM(tiny())
     preds = solve_tasks_with_ttt(model, [single], SolveConfig(views=1), TTTConfig(steps=2), device=CPU, progress=False)
-    assert preds[0].tests[0].info["ttt"]["steps"] == 0
+    assert preds[0].tests[0].info["adapt"]["steps"] == 0
