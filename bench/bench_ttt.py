@@ -1,0 +1,113 @@
+"""What test-time training buys: one checkpoint, the same tasks, several TTT budgets.
+
+    python bench/bench_ttt.py --ckpt runs/cpu [--tasks 12] [--pick shortest|first] [--budgets 0,8,32]
+                              [--views 8] [--ttt_batch 4] [--ttt_lr 3e-4] [--md docs/BENCHMARKS.md]
+
+For each budget (0 = no TTT) and each task: fine-tune on the task's demonstrations (arc.ttt), then
+measure the teacher-forced loss and token accuracy of the model on the task's true test outputs
+(a continuous figure that moves before the exact-match score does; the truth is only read for
+this measurement, never trained on), solve the task with --views views, and restore the weights.
+Reports per budget: official score (pass@2), tasks solved, attempts of the right shape, mean
+test-output loss and token accuracy, and seconds per task (fine-tuning + solving).
+
+--pick shortest takes the tasks with the fewest tokens (demonstrations + test pairs), so a CPU
+can afford several budgets; --pick first takes the first ones by id, as eval.py --limit does.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from common import emit, header
+from arc import data, score
+from arc.evaluate import load_model
+from arc.solve import SolveConfig, solve_task, submission_of
+from arc.tokens import IGNORE_INDEX, encode_instance, pair_length
+from arc.trainer import loss_sum
+from arc.ttt import TaskFineTuner, TTTConfig
+
+
+def task_tokens(task: data.Task) -> int:
+    return sum(pair_length(p.input.shape, p.output.shape) for p in task.train + task.test if p.output is not None)
+
+
+@torch.no_grad()
+def test_output_fit(model, task: data.Task, device: torch.device) -> tuple[float, int, int]:
+    """Summed loss, correct argmax tokens and target tokens over the task's test outputs."""
+    total, right, count = 0.0, 0, 0
+    for pair in task.test:
+        enc = encode_instance(task.demos, pair.input, pair.output, targets="test")
+        x = torch.as_tensor(enc.ids[None, :-1], device=device)
+        y = torch.as_tensor(np.where(enc.target[1:], enc.ids[1:], IGNORE_INDEX)[None], device=device)
+        logits, _ = model(x)
+        total += float(loss_sum(logits, y))
+        mask = y != IGNORE_INDEX
+        right += int((logits.argmax(-1)[mask] == y[mask]).sum())
+        count += int(mask.sum())
+    return total, right, count
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--data", default="arc1")
+    ap.add_argument("--split", default="eval")
+    ap.add_argument("--tasks", type=int, default=12)
+    ap.add_argument("--pick", choices=["shortest", "first"], default="shortest")
+    ap.add_argument("--budgets", default="0,8,32")
+    ap.add_argument("--views", type=int, default=8)
+    ap.add_argument("--ttt_batch", type=int, default=4)
+    ap.add_argument("--ttt_lr", type=float, default=3e-4)
+    ap.add_argument("--md", default=None)
+    args = ap.parse_args()
+
+    device = torch.device("cpu")
+    model, _ = load_model(args.ckpt, device)
+    tasks = [t for t in data.load_tasks(args.data, args.split) if all(p.output is not None for p in t.test)]
+    if args.pick == "shortest":
+        tasks = sorted(tasks, key=lambda t: (task_tokens(t), t.id))
+    tasks = tasks[: args.tasks]
+    solve_cfg = SolveConfig(views=args.views)
+    rows = []
+    for steps in [int(b) for b in args.budgets.split(",")]:
+        tuner = TaskFineTuner(model, TTTConfig(steps=steps, lr=args.ttt_lr, batch_size=args.ttt_batch)) if steps else None
+        loss, right, count, seconds, fit_seconds, shaped = 0.0, 0, 0, 0.0, 0.0, 0
+        predictions = []
+        for task in tasks:
+            t0 = time.perf_counter()
+            try:
+                if tuner is not None:
+                    fit_seconds += tuner.fit(task, device)["seconds"]
+                model.eval()
+                pred = solve_task(model, task, solve_cfg, device)
+                seconds += time.perf_counter() - t0
+                l, r, c = test_output_fit(model, task, device)
+            finally:
+                if tuner is not None:
+                    tuner.restore()
+            loss, right, count = loss + l, right + r, count + c
+            predictions.append(pred)
+            for t, pair in zip(pred.tests, task.test):
+                shaped += any(a.shape == pair.output.shape for a in (t.attempt_1, t.attempt_2))
+            print(f"budget {steps}: {task.id} loss {l / c:.3f} solved {all(pred.correct)} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        result = score.score_submission(submission_of(predictions), tasks)
+        rows.append((steps, result.score, result.tasks_solved, shaped, sum(len(t.test) for t in tasks), loss / count,
+                     right / count, fit_seconds / len(tasks), seconds / len(tasks)))
+
+    picked = "fewest tokens" if args.pick == "shortest" else "first by id"
+    lines = [header(f"python bench/bench_ttt.py --ckpt {args.ckpt} --tasks {args.tasks} --pick {args.pick} "
+                    f"--budgets {args.budgets} --views {args.views} --ttt_batch {args.ttt_batch} --ttt_lr {args.ttt_lr}"),
+             f"{len(tasks)} {args.data} {args.split} tasks ({picked}): {', '.join(t.id for t in tasks)}. "
+             f"{model.num_params() / 1e6:.2f}M parameters, {args.views} views, TTT batch {args.ttt_batch}, lr {args.ttt_lr}.", "",
+             "| TTT steps | score (pass@2) | tasks solved | attempts of the right shape | test-output loss | token accuracy | TTT s/task | total s/task |",
+             "|---|---|---|---|---|---|---|---|"]
+    for steps, sc, solved, shaped, n_tests, l, acc, fit_s, total_s in rows:
+        lines.append(f"| {steps} | {sc:.3f} | {solved}/{len(tasks)} | {shaped}/{n_tests} | {l:.3f} | {acc:.1%} | {fit_s:.1f} | {total_s:.1f} |")
+    emit("\n".join(lines) + "\n", args.md)
+
+
+if __name__ == "__main__":
+    main()
