@@ -4,6 +4,7 @@ and step time against sequence length.
     python bench/bench_train.py throughput [--steps 6] [--md docs/BENCHMARKS.md]
     python bench/bench_train.py memory     [--batches 1,2,4,8] [--md ...]
     python bench/bench_train.py length     [--lengths 512,1024,2048,4096] [--md ...]
+    python bench/bench_train.py mfu        [--preset gpu] [--length 4096] [--batch 8] [--peak-tflops X] [--md ...]
 
 throughput  real (non-PAD) training tokens per second on ARC-AGI-1 training data, end to end
             (batch building, forward, backward, AdamW step), of
@@ -17,10 +18,17 @@ memory      peak memory of one training step (forward + backward + AdamW) of the
             (B micro-batches of one sequence).
 length      forward+backward time of one sequence of length L for the hybrid, a pure-Mamba2 and a
             pure-attention model of equal width and depth, in one process.
+mfu         training tokens/s and model FLOPs utilization of a preset (default ``gpu``) on full-length
+            sequences, bf16 autocast and fused AdamW on CUDA, once with the Mamba2 kernels and once
+            forced onto the pure-PyTorch reference path, in one process. MFU = FLOPs/token
+            (HybridLM.estimate_flops_per_token) x tokens/s / peak; the peak is --peak-tflops, or the
+            dense bf16 peak of a known GPU (H100/H200 SXM: 989 TFLOP/s; A100: 312). On a CPU the
+            reference path alone is timed in fp32 and MFU is printed only with --peak-tflops.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -174,6 +182,64 @@ def cmd_length(args) -> str:
     return "\n".join(lines)
 
 
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    if given is not None or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def time_training(model: HybridLM, batch: int, length: int, steps: int, device: torch.device) -> float:
+    """Seconds per optimizer step on random full-length sequences (after two warm-up steps)."""
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    x = torch.randint(0, 10, (batch, length), device=device)
+    y = torch.randint(0, 10, (batch, length), device=device)
+    t0 = 0.0
+    for i in range(steps + 2):
+        if i == 2:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
+            logits, _ = model(x)
+        (loss_sum(logits, y) / y.numel()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def cmd_mfu(args) -> str:
+    from arc import kernels
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = HybridLM(preset(args.preset, max_seq_len=max(args.length, 4096))).to(device)
+    flops = model.estimate_flops_per_token(args.length)
+    peak = peak_tflops(device, args.peak_tflops)
+    paths = [("reference (pure PyTorch)", True)]
+    if device.type == "cuda":
+        paths.insert(0, ("kernels" if kernels.KERNELS.available else f"kernels unavailable ({kernels.KERNELS.reason}): reference", False))
+    lines = [header(f"python bench/bench_train.py mfu --preset {args.preset} --length {args.length} --batch {args.batch} --steps {args.steps}"),
+             f"Preset `{args.preset}`: {model.num_params() / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs per training token at "
+             f"L={args.length}; batch {args.batch}; {'bf16 autocast, fused AdamW' if device.type == 'cuda' else 'fp32 on CPU'}; "
+             f"peak {'%g TFLOP/s' % peak if peak else 'unknown (pass --peak-tflops)'}.", "",
+             "| Mamba2 path | s/step | tokens/s | achieved TFLOP/s | MFU |", "|---|---|---|---|---|"]
+    for name, forced in paths:
+        with kernels.reference_path() if forced else contextlib.nullcontext():
+            sec = time_training(model, args.batch, args.length, args.steps, device)
+        tok_s = args.batch * args.length / sec
+        achieved = flops * tok_s / 1e12
+        mfu = f"{achieved / peak:.1%}" if peak else "n/a"
+        lines.append(f"| {name} | {sec:.3f} | {tok_s:,.0f} | {achieved:.2f} | {mfu} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_memory":  # the subprocess of `memory`
         print(json.dumps(_one_memory_step(int(sys.argv[2]), bool(int(sys.argv[3])))))
@@ -188,10 +254,16 @@ def main() -> None:
     ln = sub.add_parser("length", help="step time vs sequence length")
     ln.add_argument("--lengths", default="512,1024,2048,4096", help="sequence lengths")
     ln.add_argument("--repeats", type=int, default=2, help="timed repeats per length (best is kept)")
-    for s in (t, m, ln):
+    f = sub.add_parser("mfu", help="tokens/s and MFU of a preset, kernel vs reference path")
+    f.add_argument("--preset", default="gpu", help="model preset")
+    f.add_argument("--length", type=int, default=4096, help="sequence length")
+    f.add_argument("--batch", type=int, default=8, help="sequences per step")
+    f.add_argument("--steps", type=int, default=10, help="timed steps per path")
+    f.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of the device (default: known GPUs' bf16 peak)")
+    for s in (t, m, ln, f):
         s.add_argument("--md", default=None, help="append the markdown result to this file")
     args = p.parse_args()
-    text = {"throughput": cmd_throughput, "memory": cmd_memory, "length": cmd_length}[args.cmd](args)
+    text = {"throughput": cmd_throughput, "memory": cmd_memory, "length": cmd_length, "mfu": cmd_mfu}[args.cmd](args)
     emit(text, args.md)
 
 
