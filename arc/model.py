@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arc.config import help_field
 from arc.mamba2 import Mamba2, MambaState, init_A_log, init_dt_bias
 from arc.tokens import BLOCK_SIZE, IGNORE_INDEX, VOCAB_SIZE
 
 MAMBA, ATTENTION = "M", "A"
-
-
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -36,22 +33,22 @@ def _f(default: Any, help: str) -> Any:
 class ModelConfig:
     """The model's shape. Saved in every checkpoint (``to_dict``) and rebuilt with ``from_dict``."""
 
-    vocab_size: int = _f(VOCAB_SIZE, "number of token ids (the ARC vocabulary by default)")
-    d_model: int = _f(256, "width of the residual stream")
-    n_layer: int = _f(8, "number of blocks")
-    layer_pattern: str = _f("MMMA", "layer kinds, M = Mamba2, A = attention; tiled to n_layer (e.g. 'M' pure Mamba, 'A' GPT)")
-    d_state: int = _f(64, "Mamba2 state size per group (N)")
-    headdim: int = _f(64, "Mamba2 head dimension (P); heads = expand * d_model / headdim")
-    expand: int = _f(2, "Mamba2 inner width = expand * d_model")
-    d_conv: int = _f(4, "Mamba2 causal conv width (2..4 for the causal_conv1d kernel)")
-    ngroups: int = _f(1, "Mamba2 groups sharing B and C (divides the number of Mamba2 heads)")
-    chunk_size: int = _f(64, "Mamba2 SSD chunk length (64 is fastest on CPU, 256 is mamba_ssm's default on GPU)")
-    n_head: int = _f(4, "attention heads (head dim = d_model / n_head, even for rotary)")
-    rope_base: float = _f(10000.0, "rotary embedding base")
-    mlp_hidden: int = _f(0, "hidden width of a gated MLP after each mixer; 0 = no MLP")
-    max_seq_len: int = _f(BLOCK_SIZE, "longest sequence (prompt + generated tokens) the model accepts")
-    dropout: float = _f(0.0, "dropout on the embedding, mixer/MLP outputs and attention weights")
-    tie_embeddings: bool = _f(True, "share the embedding matrix with the output head")
+    vocab_size: int = help_field(VOCAB_SIZE, "number of token ids (the ARC vocabulary by default)")
+    d_model: int = help_field(256, "width of the residual stream")
+    n_layer: int = help_field(8, "number of blocks")
+    layer_pattern: str = help_field("MMMA", "layer kinds, M = Mamba2, A = attention; tiled to n_layer (e.g. 'M' pure Mamba, 'A' GPT)")
+    d_state: int = help_field(64, "Mamba2 state size per group (N)")
+    headdim: int = help_field(64, "Mamba2 head dimension (P); heads = expand * d_model / headdim")
+    expand: int = help_field(2, "Mamba2 inner width = expand * d_model")
+    d_conv: int = help_field(4, "Mamba2 causal conv width (2..4 for the causal_conv1d kernel)")
+    ngroups: int = help_field(1, "Mamba2 groups sharing B and C (divides the number of Mamba2 heads)")
+    chunk_size: int = help_field(64, "Mamba2 SSD chunk length (64 is fastest on CPU, 256 is mamba_ssm's default on GPU)")
+    n_head: int = help_field(4, "attention heads (head dim = d_model / n_head, even for rotary)")
+    rope_base: float = help_field(10000.0, "rotary embedding base")
+    mlp_hidden: int = help_field(0, "hidden width of a gated MLP after each mixer; 0 = no MLP")
+    max_seq_len: int = help_field(BLOCK_SIZE, "longest sequence (prompt + generated tokens) the model accepts")
+    dropout: float = help_field(0.0, "dropout on the embedding, mixer/MLP outputs and attention weights")
+    tie_embeddings: bool = help_field(True, "share the embedding matrix with the output head")
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:

@@ -225,8 +225,10 @@ def loss_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def autocast_for(cfg: TrainConfig, device: torch.device):
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+def autocast_for(dtype: str, device: torch.device):
+    """The autocast context of ``--dtype``: ``auto`` is bfloat16 on CUDA and plain float32 elsewhere."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -240,7 +242,7 @@ def validation_loss(model: HybridLM, batches: list[tuple[torch.Tensor, torch.Ten
     total, count = 0.0, 0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
-        with autocast_for(cfg, device):
+        with autocast_for(cfg.dtype, device):
             logits, _ = model(x)
         total += float(loss_sum(logits, y))
         count += int((y != IGNORE_INDEX).sum())
@@ -365,7 +367,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
                 last = micro >= max_micro
             sync = contextlib.nullcontext() if last or not info.is_distributed else model.no_sync()
             with sync:
-                with autocast_for(cfg, device):
+                with autocast_for(cfg.dtype, device):
                     logits, _ = model(x)  # (B, T, V)
                 batch_loss = loss_sum(logits, y)
                 batch_loss.backward()

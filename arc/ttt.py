@@ -24,7 +24,7 @@ from arc import data
 from arc.loader import ArcDataLoader
 from arc.solve import SolveConfig, TaskPrediction, solve_tasks
 from arc.tokens import BLOCK_SIZE, IGNORE_INDEX
-from arc.trainer import loss_sum
+from arc.trainer import autocast_for, loss_sum
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class TaskFineTuner:
                 g["lr"] = self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup))
             x, y = loader.next_batch()
             x, y = x.to(device), y.to(device)  # (B, T)
-            with _autocast(device):
+            with autocast_for("auto", device):
                 logits, _ = self.model(x)  # (B, T, V)
             loss = loss_sum(logits, y) / max(int((y != IGNORE_INDEX).sum()), 1)
             loss.backward()
@@ -102,12 +102,6 @@ class TaskFineTuner:
         for p, saved in zip(self.model.parameters(), self.saved):
             p.copy_(saved)
         self.optimizer.state.clear()
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return torch.autocast(device_type="cpu", enabled=False)
 
 
 def solve_tasks_with_ttt(model: torch.nn.Module, tasks: Sequence[data.Task], solve_cfg: SolveConfig, cfg: TTTConfig,

@@ -42,7 +42,7 @@ from arc.data import load_tasks
 from arc.loader import ArcDataLoader
 from arc.model import HybridLM, ModelConfig, preset
 from arc.tokens import PAD
-from arc.trainer import loss_sum
+from arc.trainer import autocast_for, loss_sum
 
 
 def seed_gpt(target_params: int) -> ModelConfig:
@@ -204,7 +204,7 @@ def time_training(model: HybridLM, batch: int, length: int, steps: int, device: 
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
+        with autocast_for("auto", device):
             logits, _ = model(x)
         (loss_sum(logits, y) / y.numel()).backward()
         opt.step()
