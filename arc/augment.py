@@ -18,8 +18,8 @@ from typing import Any, Callable
 import numpy as np
 
 from arc.data import Pair, Task
+from arc.grid import N_COLOURS
 
-N_COLOURS = 10
 
 # The 8 symmetries of the square. rot90 is np.rot90 (a quarter turn anticlockwise);
 # anti-transpose mirrors across the anti-diagonal (top-right to bottom-left).

@@ -41,7 +41,8 @@ from typing import Callable, Iterable, Literal, NamedTuple, Sequence
 
 import numpy as np
 
-from arc.tokens import BLOCK_SIZE, MAX_GRID_TOKENS, MAX_SIDE, DoesNotFit, encode_instance
+from arc.grid import GridError, parse_grid
+from arc.tokens import BLOCK_SIZE, MAX_GRID_TOKENS, DoesNotFit, encode_instance
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +109,6 @@ class BadTask(NamedTuple):
     reason: str
 
 
-class GridError(ValueError):
-    """A problem inside one task's value; :func:`parse_task` turns it into a TaskError naming the file."""
-
-
 # ---------------------------------------------------------------------------------------------
 # parsing and validation
 
@@ -145,37 +142,6 @@ def _read_json(path: Path, task_id: str | None, file: str | None = None) -> obje
 def _type_name(value: object) -> str:
     names = {dict: "an object", list: "a list", str: "a string", type(None): "null"}
     return names.get(type(value), type(value).__name__)
-
-
-def parse_grid(value: object, where: str = "grid") -> np.ndarray:
-    """A JSON grid (list of equal-length rows of ints 0..9, at most 30x30) -> (H, W) int64.
-
-    Raises :class:`GridError` naming ``where`` (e.g. ``train[1].input``) and the first problem found.
-    """
-    if not isinstance(value, list):
-        raise GridError(f"{where} is {_type_name(value)}, not a list of rows")
-    if not value:
-        raise GridError(f"{where} is empty (no rows)")
-    for r, row in enumerate(value):
-        if not isinstance(row, list):
-            raise GridError(f"{where} row {r} is {_type_name(row)}, not a list of cells")
-        if not row:
-            raise GridError(f"{where} row {r} is empty")
-        if len(row) != len(value[0]):
-            raise GridError(f"{where} is ragged: row {r} has {len(row)} cells, row 0 has {len(value[0])}")
-    height, width = len(value), len(value[0])
-    if height > MAX_SIDE or width > MAX_SIDE:
-        raise GridError(f"{where} is {height}x{width}, larger than {MAX_SIDE}x{MAX_SIDE}")
-    for r, row in enumerate(value):
-        # `type(v) is int` keeps out bools and floats like 1.0; min/max run at C speed
-        if all(type(v) is int for v in row) and 0 <= min(row) and max(row) <= 9:
-            continue
-        for c, v in enumerate(row):
-            if type(v) is not int:
-                raise GridError(f"{where}[{r}][{c}] = {v!r} is not an integer colour 0-9")
-            if not 0 <= v <= 9:
-                raise GridError(f"{where}[{r}][{c}] = {v} is outside 0-9")
-    return np.array(value, dtype=np.int64)  # (H, W)
 
 
 def _pair(value: object, where: str, *, needs_output: bool) -> Pair:

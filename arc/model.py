@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from arc.config import help_field
 from arc.mamba2 import Mamba2, MambaState, init_A_log, init_dt_bias
-from arc.tokens import BLOCK_SIZE, IGNORE_INDEX, VOCAB_SIZE
+from arc.loss import mean_loss
+from arc.tokens import BLOCK_SIZE, VOCAB_SIZE
 
 MAMBA, ATTENTION = "M", "A"
 
@@ -365,9 +366,7 @@ class HybridLM(nn.Module):
             return logits, None
         if targets.shape != idx.shape:
             raise ValueError(f"HybridLM.forward: targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
-        total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
-        return logits, total / count
+        return logits, mean_loss(logits, targets)
 
     def no_decay_names(self) -> set[str]:
         """Parameters trained without weight decay: vectors (norm weights, biases) and the SSM's

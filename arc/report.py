@@ -55,7 +55,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from arc.data import Task
-from arc.score import ScoreReport, atomic_write_text, grid_to_list, parse_grid
+from arc.score import ScoreReport, atomic_write_text, grid_to_list, read_grid
 
 # The standard ARC palette, colour 0..9.
 PALETTE = (
@@ -151,7 +151,7 @@ def task_category(entry: Mapping[str, Any], task: Task | None = None) -> str:
         shape_ok = test.get("shape_ok")
         if shape_ok is None and task is not None and i < len(task.test) and task.test[i].output is not None:
             truth_shape = task.test[i].output.shape
-            grids = [parse_grid(test.get(k))[0] for k in ("attempt_1", "attempt_2")]
+            grids = [read_grid(test.get(k))[0] for k in ("attempt_1", "attempt_2")]
             shape_ok = [g is not None and g.shape == truth_shape for g in grids]
         if shape_ok and any(shape_ok):
             return "right shape"
@@ -207,7 +207,7 @@ def _esc(x: Any) -> str:
 
 def _figure(label: str, grid: Any, cell: int, css: str = "", note: str = "") -> str:
     """A labelled grid with its size underneath, or a placeholder box saying why there is none."""
-    arr, reason = (None, "none") if grid is None else parse_grid(grid)
+    arr, reason = (None, "none") if grid is None else read_grid(grid)
     if arr is not None:
         size = max(arr.shape)
         body = grid_svg(arr, max(2, min(cell, MAX_DISPLAY_PX // size)))

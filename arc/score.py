@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import numbers
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -30,12 +29,11 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from arc.data import Task
+from arc.grid import GridError, parse_grid, same_grid
 
 log = logging.getLogger(__name__)
 
 ATTEMPT_KEYS = ("attempt_1", "attempt_2")
-N_COLOURS = 10  # colours are 0..9 (the same fact as arc.tokens.N_COLOURS; grids, not tokens, here)
-MAX_SIDE = 30
 MAX_LOGGED_WARNINGS = 20  # the report keeps every warning; the log shows this many and a count
 
 Attempts = tuple["np.ndarray | None", "np.ndarray | None"]
@@ -53,57 +51,15 @@ def grid_to_list(grid: np.ndarray) -> list[list[int]]:
     return [[int(v) for v in row] for row in arr]
 
 
-def _short(v: Any, n: int = 40) -> str:
-    text = repr(v)
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def parse_grid(obj: Any) -> tuple[np.ndarray | None, str | None]:
-    """Read a submitted grid: ``(array, None)`` if it is well formed, else ``(None, reason)``.
-
-    Well formed: a non-empty list of equally long non-empty rows of integers 0..9 (bools and
-    integral floats are not integers), at most 30 rows and 30 columns. A 2-D integer numpy array is
-    accepted too, for submissions built in memory.
-    """
+def read_grid(obj: Any) -> tuple[np.ndarray | None, str | None]:
+    """A submitted grid: ``(array, None)`` if :func:`arc.grid.parse_grid` accepts it, else
+    ``(None, reason)``; a missing (null) grid is a reason too. Never raises."""
     if obj is None:
         return None, "missing (null)"
-    if isinstance(obj, np.ndarray):
-        if obj.ndim != 2:
-            return None, f"array with {obj.ndim} dimensions, not 2"
-        if not np.issubdtype(obj.dtype, np.integer):
-            return None, f"array of {obj.dtype}, not integers"
-        rows: Any = obj.tolist()
-    elif isinstance(obj, (list, tuple)):
-        rows = obj
-    else:
-        return None, f"a {type(obj).__name__}, not a list of rows"
-    if len(rows) == 0:
-        return None, "empty grid (no rows)"
-    if len(rows) > MAX_SIDE:
-        return None, f"{len(rows)} rows, more than {MAX_SIDE}"
-    width = None
-    for r, row in enumerate(rows):
-        if not isinstance(row, (list, tuple)):
-            return None, f"row {r} is a {type(row).__name__}, not a list"
-        if len(row) == 0:
-            return None, f"row {r} is empty"
-        if len(row) > MAX_SIDE:
-            return None, f"row {r} has {len(row)} cells, more than {MAX_SIDE}"
-        if width is None:
-            width = len(row)
-        elif len(row) != width:
-            return None, f"ragged: row {r} has {len(row)} cells, row 0 has {width}"
-        for c, v in enumerate(row):
-            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
-                return None, f"cell ({r}, {c}) is {_short(v)} ({type(v).__name__}), not an integer"
-            if not 0 <= v < N_COLOURS:
-                return None, f"cell ({r}, {c}) is {int(v)}, outside 0..{N_COLOURS - 1}"
-    return np.array(rows, dtype=np.int64), None
-
-
-def same_grid(a: np.ndarray | None, b: np.ndarray | None) -> bool:
-    """Exact equality of shape and every cell; None equals nothing."""
-    return a is not None and b is not None and a.shape == b.shape and bool(np.array_equal(a, b))
+    try:
+        return parse_grid(obj, "grid"), None
+    except GridError as e:
+        return None, str(e)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +88,7 @@ def _read_entry(where: str, entry: Any, warnings: list[str]) -> _Entry:
         if key not in entry:
             grid, reason = None, "missing"
         else:
-            grid, reason = parse_grid(entry[key])
+            grid, reason = read_grid(entry[key])
         if reason is not None:
             warnings.append(f"{where} {key}: {reason}")
         grids.append(grid)

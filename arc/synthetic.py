@@ -18,8 +18,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from arc.data import Pair, Task
+from arc.grid import MAX_SIDE
 
-MAX_SIDE = 30  # ARC's limit
 MIN_MAX_SIDE = 6  # the smallest max_side every rule can work with
 _ATTEMPTS_PER_PAIR = 200
 

@@ -26,11 +26,11 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-N_COLOURS = 10
+from arc.grid import MAX_SIDE, N_COLOURS
+
 PAD, ROW, IN, OUT, EOO, BOS = 10, 11, 12, 13, 14, 15
 VOCAB_SIZE = 16
 IGNORE_INDEX = -100  # cross-entropy's ignore_index: y on every non-target position
-MAX_SIDE = 30  # ARC grids are 1..30 rows and columns
 BLOCK_SIZE = 4096  # default maximum sequence length
 MAX_GRID_TOKENS = MAX_SIDE * (MAX_SIDE + 1) + 1  # a 30x30 grid's rows, row ends, and EOO
 

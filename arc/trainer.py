@@ -24,15 +24,15 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from arc import checkpoint, data, kernels, synthetic
 from arc.config import help_field, to_dict
 from arc.dist import DistInfo, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from arc.loader import ArcDataLoader
+from arc.loss import autocast_for, loss_sum, target_count
 from arc.model import HybridLM, ModelConfig
 from arc.text import DEFAULT_ENCODING, TextLoader
-from arc.tokens import IGNORE_INDEX, PAD
+from arc.tokens import PAD
 
 log = logging.getLogger(__name__)
 
@@ -220,20 +220,6 @@ def make_optimizer(model: HybridLM, cfg: TrainConfig, device: torch.device) -> t
                              fused=device.type == "cuda")
 
 
-def loss_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over target tokens (0 when a batch has none)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def autocast_for(dtype: str, device: torch.device):
-    """The autocast context of ``--dtype``: ``auto`` is bfloat16 on CUDA and plain float32 elsewhere."""
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 @torch.no_grad()
 def validation_loss(model: HybridLM, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig, device: torch.device) -> float:
     """Mean loss per target token over the fixed validation batches."""
@@ -245,7 +231,7 @@ def validation_loss(model: HybridLM, batches: list[tuple[torch.Tensor, torch.Ten
         with autocast_for(cfg.dtype, device):
             logits, _ = model(x)
         total += float(loss_sum(logits, y))
-        count += int((y != IGNORE_INDEX).sum())
+        count += target_count(y)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -372,7 +358,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
                 batch_loss = loss_sum(logits, y)
                 batch_loss.backward()
             local_loss += float(batch_loss.detach())
-            local_targets += int((y != IGNORE_INDEX).sum())
+            local_targets += target_count(y)
             local_real += n_real
             local_padded += x.numel()
             if last:

@@ -23,8 +23,8 @@ import torch
 from arc import data
 from arc.loader import ArcDataLoader
 from arc.solve import SolveConfig, TaskPrediction, solve_tasks
-from arc.tokens import BLOCK_SIZE, IGNORE_INDEX
-from arc.trainer import autocast_for, loss_sum
+from arc.tokens import BLOCK_SIZE
+from arc.loss import autocast_for, mean_loss
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class TaskFineTuner:
             x, y = x.to(device), y.to(device)  # (B, T)
             with autocast_for("auto", device):
                 logits, _ = self.model(x)  # (B, T, V)
-            loss = loss_sum(logits, y) / max(int((y != IGNORE_INDEX).sum()), 1)
+            loss = mean_loss(logits, y)
             loss.backward()
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)

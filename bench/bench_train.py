@@ -42,7 +42,7 @@ from arc.data import load_tasks
 from arc.loader import ArcDataLoader
 from arc.model import HybridLM, ModelConfig, preset
 from arc.tokens import PAD
-from arc.trainer import autocast_for, loss_sum
+from arc.loss import autocast_for, loss_sum
 
 
 def seed_gpt(target_params: int) -> ModelConfig:

@@ -26,7 +26,7 @@ from arc import data, score
 from arc.evaluate import load_model
 from arc.solve import SolveConfig, solve_task, submission_of
 from arc.tokens import IGNORE_INDEX, encode_instance, pair_length
-from arc.trainer import loss_sum
+from arc.loss import loss_sum
 from arc.ttt import TaskFineTuner, TTTConfig
 
 

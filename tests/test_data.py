@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from arc.data import (
     BadTask,
-    GridError,
     Pair,
     SourceError,
     Task,
@@ -25,10 +24,10 @@ from arc.data import (
     find_overlap,
     inputs_fingerprint,
     load_tasks,
-    parse_grid,
     task_fingerprint,
     task_stats,
 )
+from arc.grid import GridError, parse_grid
 from arc.tokens import encode_instance
 
 GOOD = {"train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]}], "test": [{"input": [[5]], "output": [[5]]}]}

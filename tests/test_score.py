@@ -15,7 +15,7 @@ from arc.data import Pair, Task
 from arc.score import (
     grid_to_list,
     load_submission,
-    parse_grid,
+    read_grid,
     score_submission,
     validate_submission,
     write_submission,
@@ -210,7 +210,7 @@ def test_empty_task_list_scores_zero():
 def test_grid_list_round_trip(grid):
     rows = grid_to_list(grid)
     assert all(type(v) is int for row in rows for v in row)
-    back, reason = parse_grid(json.loads(json.dumps(rows)))
+    back, reason = read_grid(json.loads(json.dumps(rows)))
     assert reason is None and back.dtype == np.int64 and np.array_equal(back, grid)
 
 

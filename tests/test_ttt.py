@@ -4,7 +4,7 @@ import torch
 from arc.data import Pair, Task, load_tasks
 from arc.model import HybridLM, preset
 from arc.solve import SolveConfig
-from arc.trainer import loss_sum
+from arc.loss import loss_sum
 from arc.ttt import TaskFineTuner, TTTConfig, solve_tasks_with_ttt, ttt_loader
 
 
