@@ -28,7 +28,7 @@ import torch
 from arc import checkpoint, data, kernels, synthetic
 from arc.config import help_field, to_dict
 from arc.dist import DistInfo, all_reduce_sum, barrier, destroy_distributed, init_distributed
-from arc.loader import ArcDataLoader
+from arc.loader import ArcDataLoader, Batch
 from arc.loss import autocast_for, loss_sum, target_count
 from arc.model import HybridLM, ModelConfig
 from arc.text import DEFAULT_ENCODING, TextLoader
@@ -123,7 +123,7 @@ class OverlapError(ValueError):
 @dataclass
 class Data:
     train: ArcDataLoader | TextLoader
-    val: list[tuple[torch.Tensor, torch.Tensor]]  # fixed validation batches
+    val: list[Batch]  # fixed validation batches
     held_out: list[data.Task]  # held-out ARC tasks (for the solve check)
     vocab_size: int | None  # None: the ARC vocabulary; the text path sets its own
 
@@ -176,14 +176,14 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> Data:
         from arc.text import get_encoding
 
         n_val = int(len(loader.tokens) * cfg.val_fraction)
-        val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        val: list[Batch] = []
         if n_val > cfg.block_size + 1:
             val_tokens = loader.tokens[-n_val:]
             loader.tokens = loader.tokens[:-n_val]
             T = cfg.block_size
             for i in range(min(cfg.val_batches, (n_val - 1) // T)):
                 chunk = val_tokens[i * T : (i + 1) * T + 1]
-                val.append((chunk[:-1].view(1, T), chunk[1:].view(1, T)))
+                val.append(Batch(chunk[:-1].view(1, T), chunk[1:].view(1, T), None))
         return Data(loader, val, [], get_encoding(cfg.encoding).n_vocab)
 
     tasks = load_sources(cfg.data, cfg.split, cfg.seed)
@@ -221,15 +221,15 @@ def make_optimizer(model: HybridLM, cfg: TrainConfig, device: torch.device) -> t
 
 
 @torch.no_grad()
-def validation_loss(model: HybridLM, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig, device: torch.device) -> float:
+def validation_loss(model: HybridLM, batches: list[Batch], cfg: TrainConfig, device: torch.device) -> float:
     """Mean loss per target token over the fixed validation batches."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
+    for batch in batches:
+        x, y, pos = batch.to(device)
         with autocast_for(cfg.dtype, device):
-            logits, _ = model(x)
+            logits, _ = model(x, pos=pos)
         total += float(loss_sum(logits, y))
         count += target_count(y)
     model.train(was_training)
@@ -342,8 +342,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
         global_real, micro = 0.0, 0
         max_micro = cfg.grad_accum
         while True:
-            x, y = bundle.train.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T)
+            x, y, pos = bundle.train.next_batch().to(device)  # (B, T), (B, T), (B, T, N_POS) or None
             micro += 1
             n_real = int((x != PAD).sum()) if bundle.vocab_size is None else x.numel()
             if cfg.tokens_per_step:
@@ -354,7 +353,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
             sync = contextlib.nullcontext() if last or not info.is_distributed else model.no_sync()
             with sync:
                 with autocast_for(cfg.dtype, device):
-                    logits, _ = model(x)  # (B, T, V)
+                    logits, _ = model(x, pos=pos)  # (B, T, V)
                 batch_loss = loss_sum(logits, y)
                 batch_loss.backward()
             local_loss += float(batch_loss.detach())

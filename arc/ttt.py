@@ -81,10 +81,9 @@ class TaskFineTuner:
         for step in range(self.cfg.steps):
             for g in self.optimizer.param_groups:
                 g["lr"] = self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup))
-            x, y = loader.next_batch()
-            x, y = x.to(device), y.to(device)  # (B, T)
+            x, y, pos = loader.next_batch().to(device)  # (B, T), (B, T), (B, T, N_POS)
             with autocast_for("auto", device):
-                logits, _ = self.model(x)  # (B, T, V)
+                logits, _ = self.model(x, pos=pos)  # (B, T, V)
             loss = mean_loss(logits, y)
             loss.backward()
             if self.cfg.grad_clip > 0:

@@ -96,7 +96,7 @@ def test_overfitting_one_batch_drives_the_loss_near_zero():
     from arc.model import HybridLM
     from arc.synthetic import make_tasks
 
-    x, y = ArcDataLoader(make_tasks(2, seed=0), batch_size=2, augment=False).next_batch()
+    x, y, _ = ArcDataLoader(make_tasks(2, seed=0), batch_size=2, augment=False).next_batch()
     model = HybridLM(tiny())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(150):
