@@ -25,7 +25,8 @@ import torch
 
 from arc import augment, vote
 from arc.data import Task
-from arc.tokens import MAX_GRID_TOKENS, MIN_ANSWER_TOKENS, DoesNotFit, Encoded, LayoutTracker, decode_grid, encode_prompt
+from arc.tokens import (EOO, MAX_GRID_TOKENS, MIN_ANSWER_TOKENS, NO_GRID_POS, PAD, DoesNotFit, Encoded, LayoutTracker,
+                        decode_grid, encode_prompt, grid_tokens)
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,61 @@ def decode_uncached(
             seq = torch.cat([seq, tok.unsqueeze(0)], dim=1)
             seq_pos = torch.cat([seq_pos, pos.unsqueeze(0)], dim=1)
         results.append((ids, logprob_sum / max(len(ids), 1)))
+    return results
+
+
+@dataclass(frozen=True)
+class Forced:
+    """A known answer read by the model under teacher forcing, with the decoder's grammar mask."""
+
+    exact: bool  # every answer token is the masked argmax: greedy decoding would write exactly this grid
+    correct_tokens: int  # answer tokens (cells, ROW, EOO) that are the masked argmax
+    tokens: int  # answer tokens
+    logprob: float  # sum of the answer tokens' log-probabilities (masked distribution)
+
+
+def answer_instance(prompt: Encoded, answer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The prompt followed by ``answer``'s tokens and EOO: (ids (L,), positions (L, N_POS)), the
+    answer's positions as :class:`LayoutTracker` gives them while decoding."""
+    tail = np.append(grid_tokens(answer), EOO)
+    layout = LayoutTracker([prompt.ids], [len(tail)])
+    tail_pos = np.stack([layout.advance(torch.tensor([t]))[0].numpy() for t in tail.tolist()])
+    return np.concatenate([prompt.ids, tail]), np.concatenate([prompt.pos, tail_pos])
+
+
+@torch.no_grad()
+def teacher_forced(model: Any, prompts: Sequence[Encoded], answers: Sequence[np.ndarray], device: torch.device,
+                   *, batch: int = 16) -> list[Forced]:
+    """Read each answer grid after its prompt in one forward pass, under the decoder's grammar mask.
+
+    ``exact`` equals "greedy :func:`decode` of this prompt writes exactly this answer" (the same
+    prompt, positions, mask and budget; ties aside), at the cost of one forward pass instead of one
+    step per token, which makes it the learning curves' metric; ``logprob`` scores a candidate grid.
+    """
+    results: list[Forced] = []
+    for start in range(0, len(prompts), batch):
+        chunk = list(zip(prompts[start:start + batch], answers[start:start + batch]))
+        seqs = [answer_instance(p, a) for p, a in chunk]
+        length = max(len(ids) for ids, _ in seqs)
+        x = torch.full((len(seqs), length), PAD, dtype=torch.long)
+        pos = torch.tensor(NO_GRID_POS, dtype=torch.long).repeat(len(seqs), length, 1)  # (B, T, N_POS)
+        for i, (ids, p) in enumerate(seqs):
+            x[i, :len(ids)], pos[i, :len(ids)] = torch.as_tensor(ids), torch.as_tensor(p)
+        logits, _ = model(x.to(device), pos=pos.to(device))  # (B, T, V)
+        logits = logits.float().cpu()
+        for i, ((prompt, answer), (ids, _)) in enumerate(zip(chunk, seqs)):
+            n = len(prompt.ids)
+            truth = torch.as_tensor(ids[n:])  # (A,) the answer's tokens
+            budget = answer_budgets(model, [prompt])[0]
+            layout = LayoutTracker([prompt.ids], [budget])
+            mask = []
+            for t in truth.tolist():
+                mask.append(layout.allowed(logits.size(-1))[0])
+                layout.advance(torch.tensor([t]))
+            masked = logits[i, n - 1:len(ids) - 1].masked_fill(~torch.stack(mask), -math.inf)  # (A, V)
+            hits = masked.argmax(-1) == truth
+            logprob = float(torch.log_softmax(masked, -1).gather(1, truth[:, None]).sum())
+            results.append(Forced(bool(hits.all()), int(hits.sum()), len(truth), logprob))
     return results
 
 

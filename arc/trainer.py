@@ -62,7 +62,9 @@ class TrainConfig:
     # optimizer
     lr: float = help_field(1e-3, "peak learning rate")
     min_lr_ratio: float = help_field(0.1, "final learning rate as a fraction of the peak")
-    warmup: int = help_field(100, "linear warmup steps, then cosine decay to the end")
+    warmup: int = help_field(100, "linear warmup steps, then --schedule")
+    schedule: Literal["cosine", "wsd"] = help_field("cosine", "after warmup: cosine decay to the end, or wsd (warmup-stable-decay): constant, then a linear cooldown over the last --cooldown of the steps")
+    cooldown: float = help_field(0.2, "wsd only: share of the steps spent decaying to lr * min_lr_ratio")
     weight_decay: float = help_field(0.1, "AdamW weight decay on matrices (never on norms, biases, A_log, D, dt_bias)")
     beta1: float = help_field(0.9, "AdamW beta1")
     beta2: float = help_field(0.95, "AdamW beta2")
@@ -87,7 +89,8 @@ class TrainConfig:
         checks = [
             ("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1), ("grad_accum", self.grad_accum >= 1),
             ("tokens_per_step", self.tokens_per_step >= 0), ("lr", self.lr > 0), ("warmup", self.warmup >= 0),
-            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1), ("val_fraction", 0 <= self.val_fraction < 1),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1), ("cooldown", 0 <= self.cooldown <= 1),
+            ("schedule", self.schedule in ("cosine", "wsd")), ("val_fraction", 0 <= self.val_fraction < 1),
             ("block_size", self.block_size >= 64), ("split", self.split in ("train", "eval")),
             ("eval_split", self.eval_split in ("train", "eval")), ("grad_clip", self.grad_clip >= 0),
             ("log_every", self.log_every >= 1), ("save_every", self.save_every >= 0), ("val_every", self.val_every >= 0),
@@ -206,11 +209,17 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> Data:
 
 # ---- optimisation -------------------------------------------------------------------------------
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at the last step."""
+    """Linear warmup to cfg.lr, then down to cfg.lr * cfg.min_lr_ratio at the last step: by a cosine
+    (``cosine``), or held constant and decayed linearly over the last ``cooldown`` share of the steps
+    (``wsd``, which keeps a run of any length learning at full rate until its end)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_steps = cfg.cooldown * cfg.steps
+        into = step - (cfg.steps - decay_steps)  # steps into the cooldown (negative before it)
+        return cfg.lr if into < 0 else cfg.lr - (cfg.lr - floor) * min(1.0, (into + 1) / max(decay_steps, 1))
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 

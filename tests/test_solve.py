@@ -153,3 +153,21 @@ def test_submission_has_both_attempts_for_every_test_input():
     sub = submission_of(preds)
     assert list(sub) == ["two"] and len(sub["two"]) == 2
     assert all(set(e) == {"attempt_1", "attempt_2"} and e["attempt_1"] == [[7]] for e in sub["two"])
+
+
+@pytest.mark.parametrize("options", [{}, dict(grid_pos=True, align_input=True, rope="grid")])
+def test_teacher_forced_exact_is_greedy_decoding_in_one_pass(options):
+    """What greedy decoding writes reads as exact under teacher forcing; any other grid does not."""
+    from arc.model import HybridLM, preset
+    from arc.solve import teacher_forced
+
+    torch.manual_seed(0)
+    model = HybridLM(preset("tiny", **options)).eval()
+    tasks = [make_task(s) for s in range(5)]
+    prompts = [encode_prompt(t.demos, t.test[0].input, block_size=model.cfg.max_seq_len) for t in tasks]
+    greedy = [decode_grid(ids).grid for ids, _ in decode(model, prompts, CPU)]
+    forced = teacher_forced(model, prompts, greedy, CPU, batch=2)
+    assert all(f.exact and f.correct_tokens == f.tokens == g.size + g.shape[0] + 1 for f, g in zip(forced, greedy))
+    assert all(np.isfinite(f.logprob) and f.logprob <= 0 for f in forced)
+    other = [np.where(g == 0, 1, 0) for g in greedy]  # every cell changed
+    assert not any(f.exact for f in teacher_forced(model, prompts, other, CPU))
