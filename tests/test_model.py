@@ -193,6 +193,24 @@ def test_flops_estimate_counts_matmuls_and_grows_with_attention_length():
     assert f4 - f1 == pytest.approx(2 * 12 * 256 * 3072)  # two attention layers
 
 
+def test_2d_options_round_trip_through_a_checkpoint_and_old_configs_keep_the_old_model(tmp_path):
+    from arc import checkpoint
+    enc = _instances(1, seed=4)[0]
+    ids, pos = torch.as_tensor(enc.ids)[None], torch.as_tensor(enc.pos)[None]
+    m = tiny(grid_pos=True, align_input=True, rope="grid")
+    checkpoint.save_atomic({"model": m.state_dict(), "model_config": m.cfg.to_dict()}, tmp_path / "c.pt")
+    saved = checkpoint.load(tmp_path / "c.pt")
+    back = HybridLM(ModelConfig.from_dict(saved["model_config"])).eval()
+    back.load_state_dict(saved["model"])  # strict: the new embeddings are in the state dict
+    assert (back.cfg.grid_pos, back.cfg.align_input, back.cfg.rope) == (True, True, "grid")
+    torch.testing.assert_close(back(ids, pos=pos)[0], m(ids, pos=pos)[0], rtol=0, atol=0)
+    # a config written before these fields existed builds the model it described: no new parameters
+    old = {k: v for k, v in tiny().cfg.to_dict().items() if k not in ("grid_pos", "align_input", "rope")}
+    plain = HybridLM(ModelConfig.from_dict(old))
+    assert not plain.cfg.uses_positions
+    assert plain.state_dict().keys() == tiny().state_dict().keys()
+
+
 # ---- cached decoding ----------------------------------------------------------------------------
 def _check_decoding(m: HybridLM, prompt_lengths, new_tokens: int, atol: float = 2e-5):
     gen = torch.Generator().manual_seed(3)
