@@ -24,12 +24,21 @@ import torch.nn.functional as F
 from arc.config import help_field
 from arc.mamba2 import Mamba2, MambaState, init_A_log, init_dt_bias
 from arc.loss import mean_loss
-from arc.tokens import BLOCK_SIZE, N_KINDS, N_POS, POS_ALIGN, POS_COL, POS_KIND, POS_ROW, POS_SIZE, VOCAB_SIZE
+from arc.tokens import (BLOCK_SIZE, N_KINDS, N_POS, POS_ALIGN, POS_COL, POS_KIND, POS_MCOL, POS_MROW, POS_ROW, POS_SIZE,
+                        VOCAB_SIZE)
 
 MAMBA, ATTENTION = "M", "A"
 
 
 # ---- config -------------------------------------------------------------------------------------
+GRID_ROPE_BASE = 100.0  # rows and columns run 0..31: a short range needs a small base
+ROPE_PARTS: dict[str, tuple[int | None, ...]] = {  # --rope: what each part of the head dims rotates by
+    "seq": (None,),
+    "grid": (None, POS_ROW, POS_COL),
+    "mirror": (None, POS_ROW, POS_COL, POS_MROW, POS_MCOL),
+}
+
+
 @dataclass
 class ModelConfig:
     """The model's shape. Saved in every checkpoint (``to_dict``) and rebuilt with ``from_dict``."""
@@ -53,7 +62,7 @@ class ModelConfig:
     # 2D structure, as inputs (arc.tokens computes each token's row, column, grid kind and aligned cell)
     grid_pos: bool = help_field(False, "add learned embeddings of each token's row, column and grid kind (input/output)")
     align_input: bool = help_field(False, "add an embedding of the input cell under the slot an output token's successor fills (same row and column of its pair's input grid)")
-    rope: Literal["seq", "grid"] = help_field("seq", "attention rotary positions: seq = sequence index; grid = half the head dims by sequence index, a quarter by row, a quarter by column")
+    rope: Literal["seq", "grid", "mirror"] = help_field("seq", "attention rotary positions: seq = sequence index; grid = half the head dims by sequence index, a quarter by row, a quarter by column; mirror = half by sequence index, an eighth each by row, column, and the row and column counted from an input grid's far edges")
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -70,7 +79,7 @@ class ModelConfig:
         need(isinstance(self.rope_base, (int, float)) and self.rope_base > 1.0, "rope_base", "must be > 1")
         for name in ("tie_embeddings", "grid_pos", "align_input"):
             need(isinstance(getattr(self, name), bool), name, "must be a bool")
-        need(self.rope in ("seq", "grid"), "rope", "must be 'seq' or 'grid'")
+        need(self.rope in ROPE_PARTS, "rope", f"must be one of {sorted(ROPE_PARTS)}")
         need(isinstance(self.layer_pattern, str) and len(self.layer_pattern) > 0
              and set(self.layer_pattern) <= {MAMBA, ATTENTION}, "layer_pattern", "must be a non-empty string of 'M' and 'A'")
         need(self.n_layer % len(self.layer_pattern) == 0, "layer_pattern",
@@ -82,13 +91,15 @@ class ModelConfig:
                  f"must divide the number of Mamba2 heads {d_inner // self.headdim}")
         if ATTENTION in self.layer_pattern:
             need(self.d_model % self.n_head == 0, "n_head", f"must divide d_model={self.d_model}")
-            need((self.d_model // self.n_head) % (8 if self.rope == "grid" else 2) == 0, "n_head",
-                 "must leave a head dim divisible by 2 for rotary (8 with --rope grid)")
+            parts = len(ROPE_PARTS[self.rope])  # half the head dims by sequence, the rest split evenly; all even
+            step = 2 if parts == 1 else 4 * (parts - 1)
+            need((self.d_model // self.n_head) % step == 0, "n_head",
+                 f"must leave a head dim divisible by {step} for --rope {self.rope}")
 
     @property
     def uses_positions(self) -> bool:
         """True when the model needs the 2D position channels of arc.tokens with its ids."""
-        return self.grid_pos or self.align_input or self.rope == "grid"
+        return self.grid_pos or self.align_input or self.rope != "seq"
 
     @property
     def layer_kinds(self) -> str:
@@ -139,7 +150,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
 
 
-GRID_ROPE_BASE = 100.0  # rows and columns run 0..31: a short range needs a small base
 
 
 def _rotary_table(dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,44 +166,44 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (rotate-half form).
+    """Rotary position embedding (rotate-half form) over parts of the head dims, each rotated by one
+    position: the sequence index (``None``) or one of arc.tokens' 2D channels. Half the head dims
+    always follow the sequence index; :data:`ROPE_PARTS` lists how ``rope`` splits the rest. With
+    the row and column channels, "the same cell of another grid" is a fixed relative offset whatever
+    the distance in the sequence; with the mirrored ones, so is "the mirrored cell of the input"."""
 
-    ``grid=False``: every head dim rotates with the sequence index. ``grid=True``: the first half
-    of the head dims rotates with the sequence index, the next quarter with the token's row and the
-    last quarter with its column (arc.tokens' position channels), so "the same cell of another grid"
-    is a fixed relative offset in the row and column dims whatever the distance in the sequence.
-    """
-
-    def __init__(self, head_dim: int, max_seq_len: int, base: float, grid: bool = False) -> None:
+    def __init__(self, head_dim: int, max_seq_len: int, base: float, rope: str = "seq") -> None:
         super().__init__()
-        self.grid = grid
-        self.seq_dim = head_dim // 2 if grid else head_dim
-        self.cell_dim = (head_dim - self.seq_dim) // 2
+        channels = ROPE_PARTS[rope]
+        seq_dim = head_dim if len(channels) == 1 else head_dim // 2
+        cell_dim = (head_dim - seq_dim) // max(len(channels) - 1, 1)
+        self.parts = [(seq_dim if c is None else cell_dim, c) for c in channels]  # (dims, channel)
         # not in the state dict: derived from the config, so checkpoints stay the learned weights only
-        cos, sin = _rotary_table(self.seq_dim, max_seq_len, base)
+        cos, sin = _rotary_table(seq_dim, max_seq_len, base)
         self.register_buffer("cos", cos, persistent=False)  # (T_max, seq_dim/2)
         self.register_buffer("sin", sin, persistent=False)
-        if grid:
-            cos, sin = _rotary_table(self.cell_dim, POS_SIZE, GRID_ROPE_BASE)
+        if len(channels) > 1:
+            cos, sin = _rotary_table(cell_dim, POS_SIZE, GRID_ROPE_BASE)
             self.register_buffer("cell_cos", cos, persistent=False)  # (POS_SIZE, cell_dim/2)
             self.register_buffer("cell_sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, H, T, hd) at sequence positions (T,) shared or (B, T) per sequence, and with ``grid``
-        the 2D channels ``pos`` (B, T, N_POS) -> same shape and dtype."""
+        """x (B, H, T, hd) at sequence positions (T,) shared or (B, T) per sequence, and the 2D channels
+        ``pos`` (B, T, N_POS) when a part uses them -> same shape and dtype."""
         def per_head(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             out = table[index]  # (T, d/2) or (B, T, d/2)
             return out[:, None] if index.dim() == 2 else out  # (B, 1, T, d/2) broadcasts over heads
 
-        xf = x.float()
-        seq = _rotate(xf[..., : self.seq_dim], per_head(self.cos, positions), per_head(self.sin, positions))
-        if not self.grid:
-            return seq.to(x.dtype)
-        rows, cols = pos[..., POS_ROW], pos[..., POS_COL]  # (B, T) each
-        c = self.cell_dim
-        row = _rotate(xf[..., self.seq_dim: self.seq_dim + c], per_head(self.cell_cos, rows), per_head(self.cell_sin, rows))
-        col = _rotate(xf[..., self.seq_dim + c:], per_head(self.cell_cos, cols), per_head(self.cell_sin, cols))
-        return torch.cat([seq, row, col], dim=-1).to(x.dtype)
+        xf, start, out = x.float(), 0, []
+        for dims, channel in self.parts:
+            piece = xf[..., start:start + dims]
+            if channel is None:
+                out.append(_rotate(piece, per_head(self.cos, positions), per_head(self.sin, positions)))
+            else:
+                index = pos[..., channel]  # (B, T)
+                out.append(_rotate(piece, per_head(self.cell_cos, index), per_head(self.cell_sin, index)))
+            start += dims
+        return (out[0] if len(out) == 1 else torch.cat(out, dim=-1)).to(x.dtype)
 
 
 @dataclass
@@ -211,12 +221,12 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through ``F.scaled_dot_product_attention``, with rotary."""
 
     def __init__(self, d_model: int, n_head: int, max_seq_len: int, rope_base: float, dropout: float,
-                 grid_rope: bool = False) -> None:
+                 rope: str = "seq") -> None:
         super().__init__()
         self.n_head, self.head_dim, self.dropout = n_head, d_model // n_head, dropout
         self.in_proj = nn.Linear(d_model, 3 * d_model, bias=False)  # [q, k, v]
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
-        self.rotary = Rotary(self.head_dim, max_seq_len, rope_base, grid=grid_rope)
+        self.rotary = Rotary(self.head_dim, max_seq_len, rope_base, rope)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q, k, v (B, H, T, hd), not yet rotated."""
@@ -280,7 +290,7 @@ class Block(nn.Module):
                                            layer_idx=layer_idx)
         else:
             self.mixer = CausalSelfAttention(cfg.d_model, cfg.n_head, cfg.max_seq_len, cfg.rope_base, cfg.dropout,
-                                             grid_rope=cfg.rope == "grid")
+                                             rope=cfg.rope)
         self.norm2 = RMSNorm(cfg.d_model) if cfg.mlp_hidden else None
         self.mlp = GatedMLP(cfg.d_model, cfg.mlp_hidden) if cfg.mlp_hidden else None
         self.drop = nn.Dropout(cfg.dropout)

@@ -29,6 +29,14 @@ grid (``Encoded.pos``, :func:`layout_positions`, and :class:`LayoutTracker` whil
                input grid under the slot this token's successor fills ("the cursor": after OUT the
                cell (0, 0), after cell (r, c) the cell (r, c+1), after the ROW ending row r the cell
                (r+1, 0)); 0 when that cell is outside the input grid, and for every other token
+    POS_MROW   input-grid cells and ROWs: the row counted from the bottom edge (H-1-r); output-grid
+               tokens: their row, as POS_ROW; NO_POS for markers
+    POS_MCOL   input-grid cells: the column counted from the right edge (W-1-c; NO_POS for ROW);
+               output-grid tokens: their column, as POS_COL; NO_POS for markers
+
+The mirrored channels place an input grid's cells as if reflected, so that "the mirrored cell of
+the input" is a fixed relative offset for an output token (an input grid is given whole before any
+output token is predicted, so counting from its far edges reveals nothing to be predicted).
 
 The cursor looks only at tokens up to this one, never at the token being predicted, so a model
 may use every channel while it generates. The grammar of a generated grid (the constrained
@@ -52,13 +60,13 @@ MAX_GRID_TOKENS = MAX_SIDE * (MAX_SIDE + 1) + 1  # a 30x30 grid's rows, row ends
 
 TOKEN_NAMES = {PAD: "PAD", ROW: "ROW", IN: "IN", OUT: "OUT", EOO: "EOO", BOS: "BOS"}
 # 2D position channels (see the module docstring)
-POS_ROW, POS_COL, POS_KIND, POS_ALIGN = 0, 1, 2, 3
-N_POS = 4
+POS_ROW, POS_COL, POS_KIND, POS_ALIGN, POS_MROW, POS_MCOL = 0, 1, 2, 3, 4, 5
+N_POS = 6
 NO_POS = MAX_SIDE + 1  # row/column of a token outside any grid; rows use 0..29, columns 0..30
 POS_SIZE = NO_POS + 1  # row and column ids are < POS_SIZE
 KIND_NONE, KIND_INPUT, KIND_OUTPUT = 0, 1, 2
 N_KINDS = 3
-NO_GRID_POS = (NO_POS, NO_POS, KIND_NONE, 0)  # the channels of BOS and PAD
+NO_GRID_POS = (NO_POS, NO_POS, KIND_NONE, 0, NO_POS, NO_POS)  # the channels of BOS and PAD
 Targets = Literal["test", "outputs"]
 TARGET_CHOICES = ("test", "outputs")
 
@@ -128,11 +136,12 @@ def _choose_demos(demo_lengths: Sequence[int], budget: int) -> list[int]:
 def _input_positions(shape: tuple[int, int]) -> np.ndarray:
     """Positions of ``IN <rows>`` for an input grid of this shape: (1 + H*(W+1), N_POS)."""
     h, w = shape
-    pos = np.zeros((1 + h * (w + 1), N_POS), dtype=np.int64)
-    pos[0, :] = (NO_POS, NO_POS, KIND_INPUT, 0)
-    pos[1:, POS_ROW] = np.repeat(np.arange(h), w + 1)
-    pos[1:, POS_COL] = np.tile(np.arange(w + 1), h)
-    pos[1:, POS_KIND] = KIND_INPUT
+    pos = np.empty((1 + h * (w + 1), N_POS), dtype=np.int64)
+    pos[0] = (NO_POS, NO_POS, KIND_INPUT, 0, NO_POS, NO_POS)
+    rows, cols = np.repeat(np.arange(h), w + 1), np.tile(np.arange(w + 1), h)
+    pos[1:, POS_ROW], pos[1:, POS_COL], pos[1:, POS_KIND], pos[1:, POS_ALIGN] = rows, cols, KIND_INPUT, 0
+    pos[1:, POS_MROW] = h - 1 - rows
+    pos[1:, POS_MCOL] = np.where(cols < w, w - 1 - cols, NO_POS)
     return pos
 
 
@@ -153,8 +162,9 @@ def _output_positions(shape: tuple[int, int] | None, start: int, in_start: int, 
     rows, cols = np.repeat(np.arange(h), w + 1), np.tile(np.arange(w + 1), h)  # (H*(W+1),) each
     n = 1 + len(rows) + (shape is not None)  # OUT, the grid's tokens, EOO
     pos = np.empty((n, N_POS), dtype=np.int64)
-    pos[:] = (NO_POS, NO_POS, KIND_OUTPUT, 0)
+    pos[:] = (NO_POS, NO_POS, KIND_OUTPUT, 0, NO_POS, NO_POS)
     pos[1:1 + len(rows), POS_ROW], pos[1:1 + len(rows), POS_COL] = rows, cols
+    pos[1:1 + len(rows), POS_MROW], pos[1:1 + len(rows), POS_MCOL] = rows, cols
     row_end = cols == w
     cursor_row = np.concatenate([[0], np.where(row_end, rows + 1, rows)])  # OUT's cursor is (0, 0)
     cursor_col = np.concatenate([[0], np.where(row_end, 0, cols + 1)])
@@ -270,33 +280,54 @@ def _align(state: _Parse, cursor_row: int, cursor_col: int, at: int) -> int:
 
 
 def layout_positions(ids: Sequence[int]) -> tuple[np.ndarray, _Parse]:
-    """The 2D position channels of every token, read from the ids alone, token by token: the
-    reference twin of the positions :func:`encode_instance` builds grid by grid and of
-    :class:`LayoutTracker`'s. Returns (L, N_POS) int64 and the final state (to continue from).
-    Raises ValueError on an id outside the vocabulary."""
+    """The 2D position channels of every token, read from the ids alone, token by token (an input
+    grid's mirrored channels are filled in when its OUT gives its shape): the reference twin of the
+    positions :func:`encode_instance` builds grid by grid and of :class:`LayoutTracker`'s. Returns
+    (L, N_POS) int64 and the final state (to continue from). Raises ValueError on an id outside the
+    vocabulary."""
     state = _Parse()
     out = np.empty((len(ids), N_POS), dtype=np.int64)
+    out[:, POS_MROW:] = NO_POS
+    grid_tokens_at: list[int] = []  # indices of the current input grid's cells and ROWs
+
+    def mirror_input_grid() -> None:
+        h, w = state.row, state.width
+        for i in grid_tokens_at:
+            r, c = out[i, POS_ROW], out[i, POS_COL]
+            out[i, POS_MROW], out[i, POS_MCOL] = h - 1 - r, (w - 1 - c if c < w else NO_POS)
+        grid_tokens_at.clear()
+
     for i, tok in enumerate(int(t) for t in ids):
-        if 0 <= tok < N_COLOURS:
-            out[i] = (state.row, state.col, state.kind, _align(state, state.row, state.col + 1, i))
-            state.col += 1
-        elif tok == ROW:
-            out[i] = (state.row, state.col, state.kind, _align(state, state.row + 1, 0, i))
-            state.width = state.width or state.col
-            state.row, state.col = state.row + 1, 0
+        if 0 <= tok < N_COLOURS or tok == ROW:
+            cursor = (state.row, state.col + 1) if tok != ROW else (state.row + 1, 0)
+            out[i, :POS_MROW] = (state.row, state.col, state.kind, _align(state, *cursor, i))
+            if state.kind == KIND_OUTPUT:
+                out[i, POS_MROW:] = (state.row, state.col)
+            elif state.kind == KIND_INPUT:
+                grid_tokens_at.append(i)
+            if tok == ROW:
+                state.width = state.width or state.col
+                state.row, state.col = state.row + 1, 0
+            else:
+                state.col += 1
         elif tok == IN:
             state = _Parse(KIND_INPUT, in_start=i)
-            out[i] = (NO_POS, NO_POS, KIND_INPUT, 0)
+            out[i, :POS_MROW] = (NO_POS, NO_POS, KIND_INPUT, 0)
         elif tok == OUT:
-            in_shape = (state.row, state.width) if state.kind == KIND_INPUT else (0, 0)
+            in_shape = (0, 0)
+            if state.kind == KIND_INPUT:
+                in_shape = (state.row, state.width)
+                mirror_input_grid()
             state = _Parse(KIND_OUTPUT, in_start=state.in_start, in_shape=in_shape)
-            out[i] = (NO_POS, NO_POS, KIND_OUTPUT, _align(state, 0, 0, i))
+            out[i, :POS_MROW] = (NO_POS, NO_POS, KIND_OUTPUT, _align(state, 0, 0, i))
         elif tok == EOO:
-            out[i] = (NO_POS, NO_POS, state.kind, 0)
+            out[i, :POS_MROW] = (NO_POS, NO_POS, state.kind, 0)
         elif tok in (BOS, PAD):
             out[i] = NO_GRID_POS
         else:
             raise ValueError(f"layout_positions: id {tok} at {i} is not in the vocabulary")
+    if state.kind == KIND_INPUT:  # the ids end inside an input grid: mirror what was read of it
+        mirror_input_grid()
     return out, state
 
 
@@ -350,9 +381,9 @@ class LayoutTracker:
         inside = (cursor_row < self.in_h) & (cursor_col < self.in_w) & ~is_eoo
         source = self.in_start + 1 + cursor_row * (self.in_w + 1) + cursor_col
         no_pos = torch.full_like(self.col, NO_POS)
-        pos = torch.stack([torch.where(is_eoo, no_pos, self.rows), torch.where(is_eoo, no_pos, self.col),
-                           torch.full_like(self.col, KIND_OUTPUT),
-                           torch.where(inside, self.at - source, torch.zeros_like(self.col))], dim=1)  # (n, N_POS)
+        row, col = torch.where(is_eoo, no_pos, self.rows), torch.where(is_eoo, no_pos, self.col)
+        pos = torch.stack([row, col, torch.full_like(self.col, KIND_OUTPUT),
+                           torch.where(inside, self.at - source, torch.zeros_like(self.col)), row, col], dim=1)  # (n, N_POS)
         self.width = torch.where(is_row & (self.width == 0), self.col, self.width)  # the first row sets the width
         self.col = torch.where(is_colour, self.col + 1, torch.where(is_row, torch.zeros_like(self.col), self.col))
         self.rows = self.rows + is_row.long()

@@ -255,7 +255,7 @@ def _instances(n: int, seed: int):
 
 
 @pytest.mark.parametrize("options", [dict(grid_pos=True), dict(align_input=True), dict(rope="grid"),
-                                     dict(grid_pos=True, align_input=True, rope="grid")])
+                                     dict(grid_pos=True, align_input=True, rope="mirror")])
 def test_prefill_then_steps_equal_full_forward_with_2d_positions(options):
     from arc.tokens import OUT
     m = tiny(**options)
@@ -278,7 +278,7 @@ def test_prefill_then_steps_equal_full_forward_with_2d_positions(options):
 def test_2d_positions_change_the_logits_and_are_required_when_configured():
     enc = _instances(1, seed=2)[0]
     ids, pos = torch.as_tensor(enc.ids)[None], torch.as_tensor(enc.pos)[None]
-    m = tiny(grid_pos=True, align_input=True, rope="grid")
+    m = tiny(grid_pos=True, align_input=True, rope="mirror")
     with pytest.raises(ValueError, match="takes 2D positions"):
         m(ids)
     with pytest.raises(ValueError, match="takes 2D positions"):
@@ -329,3 +329,29 @@ def test_step_refuses_to_overrun_the_cache_and_prefill_checks_lengths():
         m.prefill([torch.zeros(500, dtype=torch.long)], 13)
     with pytest.raises(ValueError, match="prompt 1 must be a non-empty 1-D"):
         m.prefill([torch.zeros(3, dtype=torch.long), torch.zeros(0, dtype=torch.long)], 1)
+
+
+def test_mirror_rotary_makes_the_mirrored_input_cell_a_fixed_relative_offset():
+    """With rope='mirror', the part of q.k rotated by the mirrored column depends only on the output
+    column minus the input column counted from the right edge, whatever the grid's width."""
+    import numpy as np
+
+    from arc.model import Rotary
+    from arc.tokens import encode_instance
+    rot = Rotary(16, 512, 10000.0, "mirror")  # head dims: 8 by sequence, then 2 each by row, col, mirrored row, col
+    q = torch.zeros(1, 1, 1, 16)
+    q[..., 14] = 1.0  # the first dim of the mirrored-column part
+    scores = []
+    for width in (5, 9):
+        enc = encode_instance([(np.zeros((1, width), int), np.zeros((1, width), int))], np.zeros((1, 1), int),
+                              np.zeros((1, 1), int))
+        pos = torch.as_tensor(enc.pos)[None]  # (1, L, N_POS)
+        out_at = lambda c: 1 + 1 + (width + 1) + 1 + c  # BOS, IN, the input row + ROW, OUT, then the output cells
+        in_at = lambda c: 2 + c
+        def score(i, j):
+            qi = rot(q, torch.tensor([[i]]), pos[:, i:i + 1])
+            kj = rot(q, torch.tensor([[j]]), pos[:, j:j + 1])
+            return float((qi[..., 14:] * kj[..., 14:]).sum())
+        scores.append([score(out_at(c), in_at(width - 1 - c)) for c in range(min(width, 5))])  # the mirrored cells
+        assert score(out_at(0), in_at(0)) < scores[-1][0] - 1e-3  # an unmirrored cell scores lower
+    assert np.allclose(scores[0], scores[0][0]) and np.allclose(scores[1], scores[0][0])

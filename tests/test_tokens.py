@@ -115,17 +115,18 @@ def test_positions_of_every_token_kind_in_a_small_instance():
     demo = (np.array([[1, 2], [3, 4]]), np.array([[5]]))
     enc = tk.encode_instance([demo], np.array([[7]]), np.array([[8, 9]]))
     N, I, O = tk.NO_POS, tk.KIND_INPUT, tk.KIND_OUTPUT
+    # (row, col, kind, aligned offset, mirrored row, mirrored col)
     expected = [
-        (N, N, tk.KIND_NONE, 0),  # BOS
-        (N, N, I, 0), (0, 0, I, 0), (0, 1, I, 0), (0, 2, I, 0),  # IN 1 2 ROW
-        (1, 0, I, 0), (1, 1, I, 0), (1, 2, I, 0),  # 3 4 ROW
-        (N, N, O, 6),  # OUT: its successor fills (0, 0), the input's cell at index 2
-        (0, 0, O, 6),  # 5: successor fills (0, 1) -> index 3
-        (0, 1, O, 5),  # ROW ending row 0: successor fills (1, 0) -> index 5
-        (N, N, O, 0),  # EOO
-        (N, N, I, 0), (0, 0, I, 0), (0, 1, I, 0),  # IN 7 ROW
-        (N, N, O, 2),  # OUT -> the 7 at index 13
-        (0, 0, O, 0), (0, 1, O, 0), (0, 2, O, 0), (N, N, O, 0),  # 8 9 ROW EOO: outside the 1x1 input
+        (N, N, tk.KIND_NONE, 0, N, N),  # BOS
+        (N, N, I, 0, N, N), (0, 0, I, 0, 1, 1), (0, 1, I, 0, 1, 0), (0, 2, I, 0, 1, N),  # IN 1 2 ROW
+        (1, 0, I, 0, 0, 1), (1, 1, I, 0, 0, 0), (1, 2, I, 0, 0, N),  # 3 4 ROW
+        (N, N, O, 6, N, N),  # OUT: its successor fills (0, 0), the input's cell at index 2
+        (0, 0, O, 6, 0, 0),  # 5: successor fills (0, 1) -> index 3; output tokens mirror nothing
+        (0, 1, O, 5, 0, 1),  # ROW ending row 0: successor fills (1, 0) -> index 5
+        (N, N, O, 0, N, N),  # EOO
+        (N, N, I, 0, N, N), (0, 0, I, 0, 0, 0), (0, 1, I, 0, 0, N),  # IN 7 ROW
+        (N, N, O, 2, N, N),  # OUT -> the 7 at index 13
+        (0, 0, O, 0, 0, 0), (0, 1, O, 0, 0, 1), (0, 2, O, 0, 0, 2), (N, N, O, 0, N, N),  # 8 9 ROW EOO
     ]
     assert [tuple(p) for p in enc.pos.tolist()] == expected
     assert enc.x_pos().shape == (len(enc.ids) - 1, tk.N_POS)
