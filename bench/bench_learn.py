@@ -133,21 +133,23 @@ def run_arm(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, train_tas
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
+    """Exact match and token accuracy on the held-out tasks against training tokens, one line per arm."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm in dict.fromkeys(r["arm"] for r in rows):
-        pts = [r for r in rows if r["arm"] == arm]
-        ax.plot([r["tokens"] / 1e6 for r in pts], [100 * r["exact"] for r in pts], marker="o", label=arm)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("training tokens (millions, real)")
-    ax.set_ylabel("exact match on held-out tasks (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "exact", "exact match (%)"), (axes[1], "token_acc", "answer-token accuracy (%)")):
+        for arm in dict.fromkeys(r["arm"] for r in rows):
+            pts = [r for r in rows if r["arm"] == arm]
+            ax.plot([r["tokens"] / 1e6 for r in pts], [100 * r[key] for r in pts], marker="o", label=arm)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training tokens (millions, real)")
+        ax.set_ylabel(f"held-out {label}")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
