@@ -233,25 +233,31 @@ def encode_instance(
 MIN_ANSWER_TOKENS = 3  # the smallest grid, 1x1: a colour, ROW, EOO
 
 
+def expected_answer_tokens(demos: Sequence[tuple[np.ndarray, np.ndarray]], test_input: np.ndarray) -> int:
+    """Tokens (rows, ROW ends and EOO) of the largest answer a task suggests: its largest demonstration
+    output, or the test input scaled by the demonstrations' largest output/input side ratios
+    (sides capped at 30), whichever is larger."""
+    h, w = np.shape(test_input)
+    rh = max(np.shape(o)[0] / np.shape(i)[0] for i, o in demos)
+    rw = max(np.shape(o)[1] / np.shape(i)[1] for i, o in demos)
+    scaled = (min(MAX_SIDE, max(1, int(np.ceil(h * rh)))), min(MAX_SIDE, max(1, int(np.ceil(w * rw)))))
+    return max([grid_length(np.shape(o)) for _, o in demos] + [grid_length(scaled)]) + 1
+
+
 def encode_prompt(
     demos: Sequence[tuple[np.ndarray, np.ndarray]], test_input: np.ndarray, *, block_size: int = BLOCK_SIZE
 ) -> Encoded:
     """The prompt a model completes: everything up to and including the test's OUT marker.
 
-    It keeps room for the largest possible answer (a 30x30 grid) when at least one demonstration
-    fits beside that; otherwise for the largest answer the task suggests (its demonstrations'
-    largest output, or the test input's size), dropping demonstrations first; the answer's budget is
-    then ``block_size - len(prompt)``, which the constrained decoder respects
-    (:class:`LayoutTracker`). Raises :class:`DoesNotFit` when not even one demonstration and a
-    1x1 answer fit.
+    Keeps as many demonstrations as fit (dropping the longest first) beside room for the answer the
+    task suggests (:func:`expected_answer_tokens`); the answer's budget is then everything the block
+    has left, ``block_size - len(prompt)``, which the constrained decoder respects
+    (:class:`LayoutTracker`). Raises :class:`DoesNotFit` when not even one demonstration and a 1x1
+    answer fit.
     """
+    room = min(expected_answer_tokens(demos, test_input), MAX_GRID_TOKENS)
     try:
-        return encode_instance(demos, test_input, None, block_size=block_size)
-    except DoesNotFit:
-        pass
-    expected = max([grid_length(np.shape(o)) for _, o in demos] + [grid_length(np.shape(test_input))]) + 1
-    try:
-        return encode_instance(demos, test_input, None, block_size=block_size, answer_room=min(expected, MAX_GRID_TOKENS))
+        return encode_instance(demos, test_input, None, block_size=block_size, answer_room=room)
     except DoesNotFit:
         pass
     try:

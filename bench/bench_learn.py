@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from common import emit, header
-from arc import config
+from arc import checkpoint, config
 from arc.data import Task
 from arc.loader import ArcDataLoader
 from arc.loss import autocast_for, mean_loss
@@ -166,6 +166,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write every row to this JSON file")
     p.add_argument("--md", default=None, help="append the markdown table to this file")
     p.add_argument("--plot", default=None, help="write the curves to this PNG")
+    p.add_argument("--save", default=None, help="save each arm's final model to DIR/<arm>.pt (arc.checkpoint format)")
     args = p.parse_args()
 
     rules = CURRICULA.get(args.curriculum, args.curriculum.split(","))
@@ -187,6 +188,9 @@ def main() -> None:
         pairs = held_out_pairs(held, model_cfg.max_seq_len)
         arm_rows, model = run_arm(name, model_cfg, train_cfg, train_tasks, pairs, budgets, device, log)
         rows += arm_rows
+        if args.save:
+            checkpoint.save_atomic({"model": model.state_dict(), "model_config": model_cfg.to_dict(),
+                                    "train_config": config.to_dict(train_cfg)}, Path(args.save) / f"{name}.pt")
         sample = held[: args.check]
         greedy = [c for pred in solve_tasks(model.eval(), sample, SolveConfig(views=1, batch=8), device=device, progress=False)
                   for c in pred.correct]

@@ -206,13 +206,18 @@ def test_tracker_ends_every_grid_within_its_budget(budget):
         assert len(written[i]) <= b and tk.decode_grid(written[i]).ok
 
 
-def test_a_prompt_keeps_room_for_its_answer_and_drops_demonstrations_first():
+def test_a_prompt_keeps_room_for_the_answer_its_task_suggests_and_drops_demonstrations_first():
     demo = (np.zeros((10, 10), int), np.zeros((10, 10), int))
     test_in = np.zeros((10, 10), int)
-    roomy = tk.encode_prompt([demo, demo], test_in, block_size=4096)
-    assert roomy.demos_used == (0, 1)  # all fit with room for a 30x30 answer
-    tight = tk.encode_prompt([demo, demo], test_in, block_size=500)
-    # 1 + 223 (one demo) + 112 (test in + OUT) = 336 tokens, leaving 164 >= the 111 a 10x10 answer takes
+    assert tk.expected_answer_tokens([demo], test_in) == 111  # a 10x10 grid: 10 rows of 10 cells + ROW, then EOO
+    doubling = (np.zeros((3, 4), int), np.zeros((6, 8), int))
+    assert tk.expected_answer_tokens([doubling], np.zeros((5, 5), int)) == 10 * 11 + 1  # 5x5 scaled by 2
+    assert tk.expected_answer_tokens([doubling], np.zeros((20, 20), int)) == 30 * 31 + 1  # capped at 30x30
+    assert tk.encode_prompt([demo, demo], test_in, block_size=4096).demos_used == (0, 1)
+    # 1 + 2 * 223 (demos) + 112 (test in + OUT) = 559 tokens + 111 for the answer fit 700: both demos stay
+    both = tk.encode_prompt([demo, demo], test_in, block_size=700)
+    assert both.demos_used == (0, 1) and len(both.ids) == 559
+    tight = tk.encode_prompt([demo, demo], test_in, block_size=500)  # one demo goes; 164 tokens left for the answer
     assert tight.demos_used == (0,) and len(tight.ids) == 336
     with pytest.raises(tk.DoesNotFit, match="and a 1x1 answer"):
         tk.encode_prompt([demo], test_in, block_size=300)
