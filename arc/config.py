@@ -69,6 +69,16 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, title: str, skip: tupl
         )
 
 
+def parse_value(cls: type, name: str, text: str) -> Any:
+    """The value ``--name text`` gives field ``name`` of ``cls`` (as on the command line)."""
+    tp = typing.get_type_hints(cls)[name]
+    value = _converter(tp)(text)
+    choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+    if choices and value not in choices:
+        raise ValueError(f"--{name}: {text!r} is not one of {list(choices)}")
+    return value
+
+
 def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The fields of ``cls`` the user set on the command line."""
     names = {f.name for f in dataclasses.fields(cls)}

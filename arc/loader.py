@@ -15,16 +15,27 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from arc import augment
 from arc.data import Task
-from arc.tokens import BLOCK_SIZE, IGNORE_INDEX, PAD, DoesNotFit, Encoded, Targets, encode_instance
+from arc.tokens import BLOCK_SIZE, IGNORE_INDEX, N_POS, NO_GRID_POS, PAD, DoesNotFit, Encoded, Targets, encode_instance
 
 log = logging.getLogger(__name__)
+
+
+class Batch(NamedTuple):
+    """One batch: inputs, targets and the inputs' 2D position channels (arc.tokens)."""
+
+    x: torch.Tensor  # (B, T) ids, PAD-filled
+    y: torch.Tensor  # (B, T) next ids on target positions, IGNORE_INDEX elsewhere
+    pos: torch.Tensor | None  # (B, T, N_POS) each x token's row, column, kind, aligned offset; None for text
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.x.to(device), self.y.to(device), None if self.pos is None else self.pos.to(device))
 
 
 @dataclass(frozen=True)
@@ -41,7 +52,8 @@ def instances_of(tasks: Sequence[Task]) -> list[Instance]:
 
 
 class ArcDataLoader:
-    """Yields ``(x, y)`` of shape (B, T), T <= block_size, x PAD-filled, y IGNORE_INDEX off target.
+    """Yields :class:`Batch` ``(x, y, pos)``: (B, T), T <= block_size, x PAD-filled, y IGNORE_INDEX off
+    target, pos the 2D position channels of x (B, T, N_POS).
 
     ``train=True``: shuffled every epoch, a fresh random augmentation per instance (``augment``),
     length-bucketed batches in random order. ``train=False``: fixed order (sorted by length, then
@@ -166,8 +178,8 @@ class ArcDataLoader:
         self._ensure_plan()
         return len(self._plan)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next (x, y); moves to a new epoch when this one is exhausted."""
+    def next_batch(self) -> Batch:
+        """The next batch; moves to a new epoch when this one is exhausted."""
         self._ensure_plan()
         if self.position >= len(self._plan):
             self.epoch += 1
@@ -177,11 +189,11 @@ class ArcDataLoader:
         self.position += 1
         return collate(batch, self._padded_length(batch))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         while True:
             yield self.next_batch()
 
-    def epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch_batches(self) -> Iterator[Batch]:
         """The remaining batches of the current epoch, or all of the next one if the current one is
         used up: one full pass, for a validation set or a benchmark."""
         self._ensure_plan()
@@ -203,17 +215,15 @@ class ArcDataLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def collate(batch: Sequence[Encoded], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack encoded instances into PAD/IGNORE-padded (x, y) of shape (B, length)."""
+def collate(batch: Sequence[Encoded], length: int) -> Batch:
+    """Stack encoded instances into a PAD/IGNORE-padded :class:`Batch` of length ``length``."""
     x = np.full((len(batch), length), PAD, dtype=np.int64)
     y = np.full((len(batch), length), IGNORE_INDEX, dtype=np.int64)
+    pos = np.zeros((len(batch), length, N_POS), dtype=np.int64)
+    pos[:] = NO_GRID_POS  # padding: no row, no column, no kind, nothing aligned
     for b, enc in enumerate(batch):
         xb, yb = enc.xy()
         x[b, : len(xb)] = xb
         y[b, : len(yb)] = yb
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def real_token_share(x: torch.Tensor) -> float:
-    """Fraction of a batch that is not padding."""
-    return float((x != PAD).float().mean())
+        pos[b, : len(xb)] = enc.x_pos()
+    return Batch(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(pos))

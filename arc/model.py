@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from arc.config import help_field
 from arc.mamba2 import Mamba2, MambaState, init_A_log, init_dt_bias
 from arc.loss import mean_loss
-from arc.tokens import BLOCK_SIZE, VOCAB_SIZE
+from arc.tokens import BLOCK_SIZE, N_KINDS, N_POS, POS_ALIGN, POS_COL, POS_KIND, POS_ROW, POS_SIZE, VOCAB_SIZE
 
 MAMBA, ATTENTION = "M", "A"
 
@@ -50,6 +50,10 @@ class ModelConfig:
     max_seq_len: int = help_field(BLOCK_SIZE, "longest sequence (prompt + generated tokens) the model accepts")
     dropout: float = help_field(0.0, "dropout on the embedding, mixer/MLP outputs and attention weights")
     tie_embeddings: bool = help_field(True, "share the embedding matrix with the output head")
+    # 2D structure, as inputs (arc.tokens computes each token's row, column, grid kind and aligned cell)
+    grid_pos: bool = help_field(False, "add learned embeddings of each token's row, column and grid kind (input/output)")
+    align_input: bool = help_field(False, "add an embedding of the input cell under the slot an output token's successor fills (same row and column of its pair's input grid)")
+    rope: Literal["seq", "grid"] = help_field("seq", "attention rotary positions: seq = sequence index; grid = half the head dims by sequence index, a quarter by row, a quarter by column")
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -64,7 +68,9 @@ class ModelConfig:
         need(isinstance(self.d_conv, int) and self.d_conv >= 2, "d_conv", "must be an integer >= 2")
         need(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(isinstance(self.rope_base, (int, float)) and self.rope_base > 1.0, "rope_base", "must be > 1")
-        need(isinstance(self.tie_embeddings, bool), "tie_embeddings", "must be a bool")
+        for name in ("tie_embeddings", "grid_pos", "align_input"):
+            need(isinstance(getattr(self, name), bool), name, "must be a bool")
+        need(self.rope in ("seq", "grid"), "rope", "must be 'seq' or 'grid'")
         need(isinstance(self.layer_pattern, str) and len(self.layer_pattern) > 0
              and set(self.layer_pattern) <= {MAMBA, ATTENTION}, "layer_pattern", "must be a non-empty string of 'M' and 'A'")
         need(self.n_layer % len(self.layer_pattern) == 0, "layer_pattern",
@@ -76,7 +82,13 @@ class ModelConfig:
                  f"must divide the number of Mamba2 heads {d_inner // self.headdim}")
         if ATTENTION in self.layer_pattern:
             need(self.d_model % self.n_head == 0, "n_head", f"must divide d_model={self.d_model}")
-            need((self.d_model // self.n_head) % 2 == 0, "n_head", "must leave an even head dim for rotary")
+            need((self.d_model // self.n_head) % (8 if self.rope == "grid" else 2) == 0, "n_head",
+                 "must leave a head dim divisible by 2 for rotary (8 with --rope grid)")
+
+    @property
+    def uses_positions(self) -> bool:
+        """True when the model needs the 2D position channels of arc.tokens with its ids."""
+        return self.grid_pos or self.align_input or self.rope == "grid"
 
     @property
     def layer_kinds(self) -> str:
@@ -127,24 +139,61 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
 
 
+GRID_ROPE_BASE = 100.0  # rows and columns run 0..31: a short range needs a small base
+
+
+def _rotary_table(dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (length, dim/2) of the rotate-half rotary embedding for positions 0..length-1."""
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq  # (length, dim/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary on float32 x (..., d) with cos/sin broadcastable to (..., d/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 class Rotary(nn.Module):
-    """Rotary position embedding (rotate-half form) for positions 0..max_seq_len-1."""
+    """Rotary position embedding (rotate-half form).
 
-    def __init__(self, head_dim: int, max_seq_len: int, base: float) -> None:
+    ``grid=False``: every head dim rotates with the sequence index. ``grid=True``: the first half
+    of the head dims rotates with the sequence index, the next quarter with the token's row and the
+    last quarter with its column (arc.tokens' position channels), so "the same cell of another grid"
+    is a fixed relative offset in the row and column dims whatever the distance in the sequence.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float, grid: bool = False) -> None:
         super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
-        angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq  # (T_max, hd/2)
+        self.grid = grid
+        self.seq_dim = head_dim // 2 if grid else head_dim
+        self.cell_dim = (head_dim - self.seq_dim) // 2
         # not in the state dict: derived from the config, so checkpoints stay the learned weights only
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        cos, sin = _rotary_table(self.seq_dim, max_seq_len, base)
+        self.register_buffer("cos", cos, persistent=False)  # (T_max, seq_dim/2)
+        self.register_buffer("sin", sin, persistent=False)
+        if grid:
+            cos, sin = _rotary_table(self.cell_dim, POS_SIZE, GRID_ROPE_BASE)
+            self.register_buffer("cell_cos", cos, persistent=False)  # (POS_SIZE, cell_dim/2)
+            self.register_buffer("cell_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (B, H, T, hd) at positions (T,) shared or (B, T) per sequence -> same shape and dtype."""
-        cos, sin = self.cos[positions], self.sin[positions]  # (T, hd/2) or (B, T, hd/2)
-        if positions.dim() == 2:
-            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd/2)
-        x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, hd/2) each
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, H, T, hd) at sequence positions (T,) shared or (B, T) per sequence, and with ``grid``
+        the 2D channels ``pos`` (B, T, N_POS) -> same shape and dtype."""
+        def per_head(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            out = table[index]  # (T, d/2) or (B, T, d/2)
+            return out[:, None] if index.dim() == 2 else out  # (B, 1, T, d/2) broadcasts over heads
+
+        xf = x.float()
+        seq = _rotate(xf[..., : self.seq_dim], per_head(self.cos, positions), per_head(self.sin, positions))
+        if not self.grid:
+            return seq.to(x.dtype)
+        rows, cols = pos[..., POS_ROW], pos[..., POS_COL]  # (B, T) each
+        c = self.cell_dim
+        row = _rotate(xf[..., self.seq_dim: self.seq_dim + c], per_head(self.cell_cos, rows), per_head(self.cell_sin, rows))
+        col = _rotate(xf[..., self.seq_dim + c:], per_head(self.cell_cos, cols), per_head(self.cell_sin, cols))
+        return torch.cat([seq, row, col], dim=-1).to(x.dtype)
 
 
 @dataclass
@@ -161,12 +210,13 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through ``F.scaled_dot_product_attention``, with rotary."""
 
-    def __init__(self, d_model: int, n_head: int, max_seq_len: int, rope_base: float, dropout: float) -> None:
+    def __init__(self, d_model: int, n_head: int, max_seq_len: int, rope_base: float, dropout: float,
+                 grid_rope: bool = False) -> None:
         super().__init__()
         self.n_head, self.head_dim, self.dropout = n_head, d_model // n_head, dropout
         self.in_proj = nn.Linear(d_model, 3 * d_model, bias=False)  # [q, k, v]
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
-        self.rotary = Rotary(self.head_dim, max_seq_len, rope_base)
+        self.rotary = Rotary(self.head_dim, max_seq_len, rope_base, grid=grid_rope)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> q, k, v (B, H, T, hd), not yet rotated."""
@@ -174,22 +224,26 @@ class CausalSelfAttention(nn.Module):
         qkv = self.in_proj(x).view(b, t, 3, self.n_head, self.head_dim)  # (B, T, 3, H, hd)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(self, x: torch.Tensor, return_state: bool = False) -> tuple[torch.Tensor, KVCache | None]:
-        """x (B, T, C) -> (y (B, T, C), the keys and values if return_state else None)."""
+    def forward(self, x: torch.Tensor, return_state: bool = False, pos: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, KVCache | None]:
+        """x (B, T, C), 2D channels pos (B, T, N_POS) or None -> (y (B, T, C), the keys and values if
+        return_state else None)."""
         b, t, c = x.shape
         q, k, v = self._qkv(x)  # (B, H, T, hd) each
         positions = torch.arange(t, device=x.device)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        q, k = self.rotary(q, positions, pos), self.rotary(k, positions, pos)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = self.out_proj(y.transpose(1, 2).reshape(b, t, c))  # (B, T, C)
         return y, (KVCache(k, v) if return_state else None)
 
-    def step(self, x: torch.Tensor, cache: KVCache, lengths: torch.Tensor) -> torch.Tensor:
-        """One token per sequence: x (B, C) at positions ``lengths`` (B,); writes its key and value into
-        slot ``lengths[i]`` of sequence i and attends to slots 0..lengths[i] only."""
+    def step(self, x: torch.Tensor, cache: KVCache, lengths: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per sequence: x (B, C) at positions ``lengths`` (B,) with 2D channels pos (B, N_POS)
+        or None; writes its key and value into slot ``lengths[i]`` of sequence i and attends to slots
+        0..lengths[i] only."""
         b, c = x.shape
         q, k, v = self._qkv(x[:, None])  # (B, H, 1, hd) each
-        q, k = self.rotary(q, lengths[:, None]), self.rotary(k, lengths[:, None])
+        p = None if pos is None else pos[:, None]  # (B, 1, N_POS)
+        q, k = self.rotary(q, lengths[:, None], p), self.rotary(k, lengths[:, None], p)
         rows = torch.arange(b, device=x.device)
         cache.k[rows, :, lengths] = k[:, :, 0].to(cache.k.dtype)  # (B, H, hd) into slot lengths[i]
         cache.v[rows, :, lengths] = v[:, :, 0].to(cache.v.dtype)
@@ -225,25 +279,33 @@ class Block(nn.Module):
                                            headdim=cfg.headdim, ngroups=cfg.ngroups, chunk_size=cfg.chunk_size,
                                            layer_idx=layer_idx)
         else:
-            self.mixer = CausalSelfAttention(cfg.d_model, cfg.n_head, cfg.max_seq_len, cfg.rope_base, cfg.dropout)
+            self.mixer = CausalSelfAttention(cfg.d_model, cfg.n_head, cfg.max_seq_len, cfg.rope_base, cfg.dropout,
+                                             grid_rope=cfg.rope == "grid")
         self.norm2 = RMSNorm(cfg.d_model) if cfg.mlp_hidden else None
         self.mlp = GatedMLP(cfg.d_model, cfg.mlp_hidden) if cfg.mlp_hidden else None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, return_state: bool = False) -> tuple[torch.Tensor, MambaState | KVCache | None]:
-        """x (B, T, C) float32 -> (x (B, T, C) float32, the mixer's decoding state or None)."""
-        h, state = self.mixer(self.norm(x), return_state=return_state)  # (B, T, C)
+    def forward(self, x: torch.Tensor, return_state: bool = False, pos: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, MambaState | KVCache | None]:
+        """x (B, T, C) float32, 2D channels pos (B, T, N_POS) or None (attention's grid rotary reads
+        them) -> (x (B, T, C) float32, the mixer's decoding state or None)."""
+        if self.kind == MAMBA:
+            h, state = self.mixer(self.norm(x), return_state=return_state)  # (B, T, C)
+        else:
+            h, state = self.mixer(self.norm(x), return_state=return_state, pos=pos)  # (B, T, C)
         x = x + self.drop(h).float()
         if self.mlp is not None:
             x = x + self.drop(self.mlp(self.norm2(x))).float()
         return x, state
 
-    def step(self, x: torch.Tensor, state: MambaState | KVCache, lengths: torch.Tensor) -> torch.Tensor:
-        """x (B, C) float32, one token per sequence -> (B, C) float32; ``state`` is updated in place."""
+    def step(self, x: torch.Tensor, state: MambaState | KVCache, lengths: torch.Tensor,
+             pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C) float32, one token per sequence (2D channels pos (B, N_POS) or None) -> (B, C)
+        float32; ``state`` is updated in place."""
         if self.kind == MAMBA:
             h = self.mixer.step(self.norm(x), state)
         else:
-            h = self.mixer.step(self.norm(x), state, lengths)
+            h = self.mixer.step(self.norm(x), state, lengths, pos)
         x = x + h.float()
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x)).float()
@@ -262,6 +324,7 @@ class InferenceCache:
     layers: list[MambaState | KVCache]
     lengths: torch.Tensor  # (B,) long: tokens seen so far = the position of the next token
     capacity: int  # slots per sequence in the KV caches: the longest prompt + max_new_tokens
+    tokens: torch.Tensor | None = None  # (B, capacity) every id fed so far, kept when align_input looks back
 
     @property
     def batch_size(self) -> int:
@@ -278,6 +341,8 @@ class InferenceCache:
             raise IndexError(f"InferenceCache.select: index out of range for a batch of {self.batch_size}")
         self.layers = [layer.select(index) for layer in self.layers]
         self.lengths = self.lengths.index_select(0, index)
+        if self.tokens is not None:
+            self.tokens = self.tokens.index_select(0, index)
         return self
 
 
@@ -289,6 +354,12 @@ class HybridLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.grid_pos:
+            self.row_embedding = nn.Embedding(POS_SIZE, cfg.d_model)
+            self.col_embedding = nn.Embedding(POS_SIZE, cfg.d_model)
+            self.kind_embedding = nn.Embedding(N_KINDS, cfg.d_model)
+        if cfg.align_input:  # the aligned input cell's id, or vocab_size for "no aligned cell"
+            self.align_embedding = nn.Embedding(cfg.vocab_size + 1, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(kind, cfg, i) for i, kind in enumerate(cfg.layer_kinds))
         self.norm_f = RMSNorm(cfg.d_model)
@@ -305,6 +376,8 @@ class HybridLM(nn.Module):
         parameter                         init
         ================================  =====================================================
         embedding.weight                  N(0, 0.02); also the output head when tied
+        row/col/kind_embedding.weight     N(0, 0.02) (grid_pos)
+        align_embedding.weight            N(0, 0.02) (align_input)
         lm_head.weight (untied)           N(0, 0.02)
         \\*.norm.weight, norm2, norm_f     1 (RMSNorm; the Mamba2 gated norm too)
         attention mixer.in_proj.weight    N(0, 0.02)
@@ -322,6 +395,9 @@ class HybridLM(nn.Module):
         std = 0.02
         residual_std = std / math.sqrt(2 * self.cfg.n_layer)
         nn.init.normal_(self.embedding.weight, 0.0, std)
+        for name in ("row_embedding", "col_embedding", "kind_embedding", "align_embedding"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name).weight, 0.0, std)
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, 0.0, std)
         self.norm_f.weight.fill_(1.0)
@@ -350,17 +426,50 @@ class HybridLM(nn.Module):
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.cfg.vocab_size):
             raise ValueError(f"HybridLM: {what} has ids outside 0..{self.cfg.vocab_size - 1}")
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) long -> (logits (B, T, V), mean cross-entropy over targets != -100, or None).
+    def _check_pos(self, pos: Any, shape: tuple[int, ...], what: str) -> None:
+        """Positions are given when the config uses them, with shape (*shape, N_POS) (not checked for () )."""
+        if not self.cfg.uses_positions:
+            return
+        if pos is None:
+            raise ValueError(f"HybridLM: this model takes 2D positions (grid_pos={self.cfg.grid_pos}, align_input="
+                             f"{self.cfg.align_input}, rope={self.cfg.rope!r}): pass {what} from arc.tokens")
+        if shape and tuple(pos.shape) != (*shape, N_POS):
+            raise ValueError(f"HybridLM: {what} must have shape {(*shape, N_POS)}, got {tuple(pos.shape)}")
 
-        A batch whose targets are all -100 has loss 0 (not NaN)."""
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor | None, aligned: torch.Tensor | None) -> torch.Tensor:
+        """Token ids (...,) plus their 2D channels pos (..., N_POS) -> float32 input vectors (..., C).
+        ``aligned`` (...,): the id of each token's aligned input cell (vocab_size where there is
+        none), needed only with align_input."""
+        x = self.embedding(idx).float()  # (..., C)
+        if self.cfg.grid_pos:
+            x = x + self.row_embedding(pos[..., POS_ROW]) + self.col_embedding(pos[..., POS_COL]) \
+                + self.kind_embedding(pos[..., POS_KIND])
+        if self.cfg.align_input:
+            x = x + self.align_embedding(aligned)
+        return x
+
+    def aligned_ids(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+        """For a batch idx (B, T) with channels pos (B, T, N_POS): the id POS_ALIGN points back to at
+        each position, or vocab_size where it is 0 (B, T). None without align_input."""
+        if not self.cfg.align_input:
+            return None
+        back = pos[..., POS_ALIGN]  # (B, T)
+        source = torch.arange(idx.shape[1], device=idx.device) - back  # (B, T) index of the aligned cell
+        ids = idx.gather(1, source.clamp(min=0))
+        return torch.where(back > 0, ids, torch.full_like(ids, self.cfg.vocab_size))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, pos: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) long, 2D channels pos (B, T, N_POS) (required when the config uses them) ->
+        (logits (B, T, V), mean cross-entropy over targets != -100 or None without targets)."""
         if idx.dim() != 2:
             raise ValueError(f"HybridLM.forward: idx must be (B, T), got shape {tuple(idx.shape)}")
         if idx.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"HybridLM.forward: sequence length {idx.shape[1]} > max_seq_len {self.cfg.max_seq_len}")
-        x = self.drop(self.embedding(idx)).float()  # (B, T, C)
+        self._check_pos(pos, tuple(idx.shape), "pos")
+        x = self.drop(self.embed(idx, pos, self.aligned_ids(idx, pos) if pos is not None else None))  # (B, T, C)
         for block in self.layers:
-            x, _ = block(x)
+            x, _ = block(x, pos=pos)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         if targets is None:
             return logits, None
@@ -409,12 +518,15 @@ class HybridLM(nn.Module):
 
     # -- cached decoding ------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, prompts: list[torch.Tensor], max_new_tokens: int) -> tuple[InferenceCache, torch.Tensor]:
+    def prefill(self, prompts: list[torch.Tensor], max_new_tokens: int,
+                positions: list[torch.Tensor] | None = None) -> tuple[InferenceCache, torch.Tensor]:
         """Run the prompts and return a batched decoding cache and the next-token logits (B, V) float32.
 
-        Prompts (1-D LongTensors) may differ in length; those of equal length run together. The cache
-        holds each Mamba2 layer's final scan state and last d_conv-1 conv inputs, and each attention
-        layer's keys and values in ``longest prompt + max_new_tokens`` slots per sequence.
+        Prompts (1-D LongTensors) may differ in length; those of equal length run together;
+        ``positions[i]`` (L_i, N_POS) are prompt i's 2D channels (required when the config uses
+        them). The cache holds each Mamba2 layer's final scan state and last d_conv-1 conv inputs,
+        and each attention layer's keys and values in ``longest prompt + max_new_tokens`` slots per
+        sequence.
         """
         if not prompts:
             raise ValueError("HybridLM.prefill: no prompts")
@@ -426,6 +538,13 @@ class HybridLM(nn.Module):
             if p.dim() != 1 or p.numel() == 0:
                 raise ValueError(f"HybridLM.prefill: prompt {i} must be a non-empty 1-D tensor, got shape {tuple(p.shape)}")
             self._check_ids(p, f"prompt {i}")
+        if self.cfg.uses_positions:
+            self._check_pos(positions, (), "positions (one (L, N_POS) tensor per prompt)")  # raises when None
+            if len(positions) != len(prompts):
+                raise ValueError(f"HybridLM.prefill: {len(prompts)} prompts but {len(positions)} position tensors")
+            positions = [torch.as_tensor(q, dtype=torch.long, device=device) for q in positions]
+            for i, (p, q) in enumerate(zip(prompts, positions)):
+                self._check_pos(q, (len(p),), f"positions[{i}]")
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         capacity = int(lengths.max()) + max_new_tokens
         if capacity > self.cfg.max_seq_len:
@@ -434,20 +553,28 @@ class HybridLM(nn.Module):
         batch = len(prompts)
         layers: list[MambaState | KVCache | None] = [None] * len(self.layers)
         logits = torch.empty(batch, self.cfg.vocab_size, device=device)
+        tokens = None
+        if self.cfg.align_input:  # align_input looks back at earlier ids while decoding
+            tokens = torch.zeros(batch, capacity, dtype=torch.long, device=device)
         for length in sorted(set(lengths.tolist())):
             rows = torch.nonzero(lengths == length).squeeze(1)  # (G,) batch positions of this length
-            x = self.embedding(torch.stack([prompts[i] for i in rows.tolist()])).float()  # (G, L, C)
+            idx = torch.stack([prompts[i] for i in rows.tolist()])  # (G, L)
+            pos = torch.stack([positions[i] for i in rows.tolist()]) if self.cfg.uses_positions else None  # (G, L, N_POS)
+            x = self.embed(idx, pos, self.aligned_ids(idx, pos) if pos is not None else None)  # (G, L, C)
             for li, block in enumerate(self.layers):
-                x, state = block(x, return_state=True)
+                x, state = block(x, return_state=True, pos=pos)
                 if layers[li] is None:  # allocate the batched state on first sight of its dtype
                     layers[li] = _empty_like_state(state, batch, capacity)
                 _put_state(layers[li], state, rows)
             logits[rows] = self.lm_head(self.norm_f(x[:, -1])).float()  # (G, V)
-        return InferenceCache(layers, lengths, capacity), logits
+            if tokens is not None:
+                tokens[rows, :length] = idx
+        return InferenceCache(layers, lengths, capacity, tokens), logits
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
-        """Feed one token per sequence (B,) and return the next-token logits (B, V) float32.
+    def step(self, tokens: torch.Tensor, cache: InferenceCache, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed one token per sequence (B,), with its 2D channels pos (B, N_POS) when the config uses
+        them, and return the next-token logits (B, V) float32.
 
         Mamba2 layers cost the same per token whatever the prompt length; attention layers read the
         sequence's filled slots. ``cache`` is advanced in place."""
@@ -456,17 +583,21 @@ class HybridLM(nn.Module):
         if cache.batch_size == 0:  # every sequence was dropped by select
             return torch.empty(0, self.cfg.vocab_size, device=tokens.device)
         self._check_ids(tokens, "tokens")
+        self._check_pos(pos, (cache.batch_size,), "pos")
         if int(cache.lengths.max()) >= cache.capacity:
             raise ValueError(f"HybridLM.step: the cache is full ({cache.capacity} tokens); prefill with a larger max_new_tokens")
-        x = self.embedding(tokens).float()  # (B, C)
+        aligned = None
+        if cache.tokens is not None:
+            rows = torch.arange(cache.batch_size, device=tokens.device)
+            cache.tokens[rows, cache.lengths] = tokens
+            back = pos[:, POS_ALIGN]  # (B,)
+            source = cache.tokens[rows, (cache.lengths - back).clamp(min=0)]  # (B,)
+            aligned = torch.where(back > 0, source, torch.full_like(source, self.cfg.vocab_size))
+        x = self.embed(tokens, pos, aligned)  # (B, C)
         for block, state in zip(self.layers, cache.layers):
-            x = block.step(x, state, cache.lengths)
+            x = block.step(x, state, cache.lengths, pos)
         cache.lengths = cache.lengths + 1
         return self.lm_head(self.norm_f(x)).float()  # (B, V)
-
-    def cache_select(self, cache: InferenceCache, index: torch.Tensor) -> InferenceCache:
-        """Same as ``cache.select(index)``."""
-        return cache.select(index)
 
 
 def _empty_like_state(state: MambaState | KVCache, batch: int, capacity: int) -> MambaState | KVCache:

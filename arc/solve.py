@@ -8,8 +8,10 @@ well-formed grid: only colours, row end and end of output; every row as long as 
 30 rows and 30 columns. Each grid is mapped back through its view's inverse transform and the
 views vote (:func:`arc.vote.two_attempts`).
 
-The model is only asked for ``prefill(prompts, max_new_tokens) -> (cache, logits)``,
-``step(tokens, cache) -> logits`` and ``cache.select(index)``.
+The model is only asked for ``cfg.max_seq_len`` (the longest sequence it takes: prompts drop
+demonstrations to leave room for an answer, and the answer ends within what is left),
+``prefill(prompts, max_new_tokens, positions) -> (cache, logits)``, ``step(tokens, cache, pos) ->
+logits`` and ``cache.select(index)``; ``positions``/``pos`` are the 2D channels of arc.tokens.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import torch
 from arc import augment, vote
 from arc.config import help_field
 from arc.data import Task
-from arc.tokens import EOO, MAX_GRID_TOKENS, MAX_SIDE, N_COLOURS, ROW, DoesNotFit, decode_grid, encode_prompt
+from arc.tokens import (EOO, MAX_GRID_TOKENS, MIN_ANSWER_TOKENS, NO_GRID_POS, PAD, DoesNotFit, Encoded, LayoutTracker,
+                        decode_grid, encode_prompt, grid_tokens)
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,6 @@ class SolveConfig:
     batch: int = help_field(16, "prompts decoded together")
     temperature: float = help_field(0.0, "0 = greedy; > 0 samples")
     samples: int = help_field(1, "decodes per view when sampling (best-of-n by vote)")
-    block_size: int = help_field(4096, "longest prompt plus answer")
     seed: int = help_field(0, "seed of the colour-permutation views and of sampling")
 
     def __post_init__(self) -> None:
@@ -73,62 +75,40 @@ class TaskPrediction:
 
 
 # ---- constrained decoding -------------------------------------------------------------------------
-class GridConstraint:
-    """Which tokens keep a partial grid well formed, for a batch of sequences decoded together."""
-
-    def __init__(self, n: int, device: torch.device):
-        self.width = torch.zeros(n, dtype=torch.long, device=device)  # 0 until the first ROW
-        self.col = torch.zeros(n, dtype=torch.long, device=device)  # cells in the current row
-        self.rows = torch.zeros(n, dtype=torch.long, device=device)  # finished rows
-        self.done = torch.zeros(n, dtype=torch.bool, device=device)
-
-    def mask(self, vocab: int) -> torch.Tensor:
-        """(n, vocab) bool: allowed next tokens."""
-        n = self.width.numel()
-        allowed = torch.zeros(n, vocab, dtype=torch.bool, device=self.width.device)
-        limit = torch.where(self.width > 0, self.width, torch.full_like(self.width, MAX_SIDE))
-        allowed[:, :N_COLOURS] = ((self.col < limit) & (self.rows < MAX_SIDE)).unsqueeze(1)
-        allowed[:, ROW] = (self.col > 0) & ((self.width == 0) | (self.col == self.width))
-        allowed[:, EOO] = (self.col == 0) & (self.rows > 0)
-        allowed[self.done] = False
-        allowed[self.done, EOO] = True  # finished sequences idle on EOO until they are dropped
-        return allowed
-
-    def update(self, tok: torch.Tensor) -> None:
-        """Advance on the chosen tokens (n,)."""
-        is_colour, is_row = tok < N_COLOURS, tok == ROW
-        self.width = torch.where(is_row & (self.width == 0), self.col, self.width)  # the first row sets the width
-        self.col = torch.where(is_colour, self.col + 1, torch.where(is_row, torch.zeros_like(self.col), self.col))
-        self.rows = self.rows + is_row.long()
-        self.done = self.done | (tok == EOO)
-
-    def select(self, index: torch.Tensor) -> None:
-        for name in ("width", "col", "rows", "done"):
-            setattr(self, name, getattr(self, name)[index])
+def answer_budgets(model: Any, prompts: Sequence[Encoded], max_new_tokens: int = MAX_GRID_TOKENS) -> list[int]:
+    """Tokens each prompt's answer may take: what the model's max_seq_len leaves, at most max_new_tokens."""
+    return [min(max_new_tokens, model.cfg.max_seq_len - len(p.ids)) for p in prompts]
 
 
 @torch.no_grad()
 def decode(
     model: Any,
-    prompts: Sequence[np.ndarray],
+    prompts: Sequence[Encoded],
     device: torch.device,
     *,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     max_new_tokens: int = MAX_GRID_TOKENS,
 ) -> list[tuple[list[int], float]]:
-    """Constrained decoding of a batch of prompts: each one's generated ids (through EOO) and the
-    model's mean log-probability per generated token (from its unconstrained distribution)."""
+    """Constrained decoding of a batch of prompts (from :func:`arc.tokens.encode_prompt`): each one's
+    generated ids (through EOO) and the model's mean log-probability per generated token (from its
+    unconstrained distribution). Each answer ends within :func:`answer_budgets`; a prompt whose budget
+    cannot hold a 1x1 grid is an error (the solver never sends one)."""
     n = len(prompts)
-    cache, logits = model.prefill([torch.as_tensor(p, dtype=torch.long, device=device) for p in prompts], max_new_tokens)
+    budgets = answer_budgets(model, prompts, max_new_tokens)
+    if min(budgets) < MIN_ANSWER_TOKENS:
+        raise ValueError(f"decode: a prompt leaves {min(budgets)} tokens for its answer (a grid needs {MIN_ANSWER_TOKENS})")
+    longest = max(len(p.ids) for p in prompts)
+    room = max(len(p.ids) + b for p, b in zip(prompts, budgets)) - longest  # the cache's slots beyond the longest prompt
+    cache, logits = model.prefill([torch.as_tensor(p.ids, dtype=torch.long, device=device) for p in prompts], room,
+                                  [torch.as_tensor(p.pos, dtype=torch.long, device=device) for p in prompts])
     rows = torch.arange(n, device=device)  # which prompt each cache row belongs to
     generated: list[list[int]] = [[] for _ in range(n)]
     logprob_sum = [0.0] * n
-    constraint = GridConstraint(n, device)
-    for _ in range(max_new_tokens):
+    layout = LayoutTracker([p.ids for p in prompts], budgets, device)
+    for _ in range(max(budgets)):
         logits = logits.float()  # (b, V)
-        allowed = constraint.mask(logits.size(-1))  # (b, V)
-        masked = logits.masked_fill(~allowed, -math.inf)
+        masked = logits.masked_fill(~layout.allowed(logits.size(-1)), -math.inf)
         if temperature > 0:
             probs = torch.softmax(masked / temperature, dim=-1)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (b,)
@@ -138,40 +118,98 @@ def decode(
         for r, t, lp in zip(rows.tolist(), tok.tolist(), tok_logprob.tolist()):
             generated[r].append(t)
             logprob_sum[r] += lp
-        constraint.update(tok)
-        if bool(constraint.done.all()):
+        pos = layout.advance(tok)  # (b, N_POS)
+        if bool(layout.done.all()):
             break
-        if bool(constraint.done.any()):  # drop finished sequences from the batch
-            keep = (~constraint.done).nonzero().squeeze(1)
+        if bool(layout.done.any()):  # drop finished sequences from the batch
+            keep = (~layout.done).nonzero().squeeze(1)
             cache.select(keep)
-            constraint.select(keep)
-            rows, tok = rows[keep], tok[keep]
-        logits = model.step(tok, cache)  # (b, V)
+            layout.select(keep)
+            rows, tok, pos = rows[keep], tok[keep], pos[keep]
+        logits = model.step(tok, cache, pos)  # (b, V)
     return [(ids, lp / max(len(ids), 1)) for ids, lp in zip(generated, logprob_sum)]
 
 
 @torch.no_grad()
 def decode_uncached(
-    model: Any, prompts: Sequence[np.ndarray], device: torch.device, *, max_new_tokens: int = MAX_GRID_TOKENS
+    model: Any, prompts: Sequence[Encoded], device: torch.device, *, max_new_tokens: int = MAX_GRID_TOKENS
 ) -> list[tuple[list[int], float]]:
-    """The reference twin of :func:`decode` (greedy only): no cache, the whole sequence is run
-    through the model again for every new token. Slow by design; for parity tests and the benchmark."""
+    """The reference twin of :func:`decode` (greedy only): no cache, the whole sequence (and its
+    positions) is run through the model again for every new token. Slow by design; for parity tests
+    and the benchmark."""
     results = []
-    for prompt in prompts:
-        seq = torch.as_tensor(prompt, dtype=torch.long, device=device).unsqueeze(0)  # (1, L)
-        constraint = GridConstraint(1, device)
+    for prompt, budget in zip(prompts, answer_budgets(model, prompts, max_new_tokens)):
+        seq = torch.as_tensor(prompt.ids, dtype=torch.long, device=device).unsqueeze(0)  # (1, L)
+        seq_pos = torch.as_tensor(prompt.pos, dtype=torch.long, device=device).unsqueeze(0)  # (1, L, N_POS)
+        layout = LayoutTracker([prompt.ids], [budget], device)
         ids, logprob_sum = [], 0.0
-        for _ in range(max_new_tokens):
-            logits, _ = model(seq)
+        for _ in range(budget):
+            logits, _ = model(seq, pos=seq_pos)
             logits = logits[:, -1].float()  # (1, V)
-            tok = logits.masked_fill(~constraint.mask(logits.size(-1)), -math.inf).argmax(dim=-1)  # (1,)
+            tok = logits.masked_fill(~layout.allowed(logits.size(-1)), -math.inf).argmax(dim=-1)  # (1,)
             logprob_sum += float(torch.log_softmax(logits, dim=-1)[0, tok])
             ids.append(int(tok))
-            constraint.update(tok)
-            if bool(constraint.done[0]):
+            pos = layout.advance(tok)  # (1, N_POS)
+            if bool(layout.done[0]):
                 break
             seq = torch.cat([seq, tok.unsqueeze(0)], dim=1)
+            seq_pos = torch.cat([seq_pos, pos.unsqueeze(0)], dim=1)
         results.append((ids, logprob_sum / max(len(ids), 1)))
+    return results
+
+
+@dataclass(frozen=True)
+class Forced:
+    """A known answer read by the model under teacher forcing, with the decoder's grammar mask."""
+
+    exact: bool  # every answer token is the masked argmax: greedy decoding would write exactly this grid
+    correct_tokens: int  # answer tokens (cells, ROW, EOO) that are the masked argmax
+    tokens: int  # answer tokens
+    logprob: float  # sum of the answer tokens' log-probabilities (masked distribution)
+
+
+def answer_instance(prompt: Encoded, answer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The prompt followed by ``answer``'s tokens and EOO: (ids (L,), positions (L, N_POS)), the
+    answer's positions as :class:`LayoutTracker` gives them while decoding."""
+    tail = np.append(grid_tokens(answer), EOO)
+    layout = LayoutTracker([prompt.ids], [len(tail)])
+    tail_pos = np.stack([layout.advance(torch.tensor([t]))[0].numpy() for t in tail.tolist()])
+    return np.concatenate([prompt.ids, tail]), np.concatenate([prompt.pos, tail_pos])
+
+
+@torch.no_grad()
+def teacher_forced(model: Any, prompts: Sequence[Encoded], answers: Sequence[np.ndarray], device: torch.device,
+                   *, batch: int = 16) -> list[Forced]:
+    """Read each answer grid after its prompt in one forward pass, under the decoder's grammar mask.
+
+    ``exact`` equals "greedy :func:`decode` of this prompt writes exactly this answer" (the same
+    prompt, positions, mask and budget; ties aside), at the cost of one forward pass instead of one
+    step per token, which makes it the learning curves' metric; ``logprob`` scores a candidate grid.
+    """
+    results: list[Forced] = []
+    for start in range(0, len(prompts), batch):
+        chunk = list(zip(prompts[start:start + batch], answers[start:start + batch]))
+        seqs = [answer_instance(p, a) for p, a in chunk]
+        length = max(len(ids) for ids, _ in seqs)
+        x = torch.full((len(seqs), length), PAD, dtype=torch.long)
+        pos = torch.tensor(NO_GRID_POS, dtype=torch.long).repeat(len(seqs), length, 1)  # (B, T, N_POS)
+        for i, (ids, p) in enumerate(seqs):
+            x[i, :len(ids)], pos[i, :len(ids)] = torch.as_tensor(ids), torch.as_tensor(p)
+        logits, _ = model(x.to(device), pos=pos.to(device))  # (B, T, V)
+        logits = logits.float().cpu()
+        for i, ((prompt, answer), (ids, _)) in enumerate(zip(chunk, seqs)):
+            n = len(prompt.ids)
+            truth = torch.as_tensor(ids[n:])  # (A,) the answer's tokens
+            budget = answer_budgets(model, [prompt])[0]
+            layout = LayoutTracker([prompt.ids], [budget])
+            mask = []
+            for t in truth.tolist():
+                mask.append(layout.allowed(logits.size(-1))[0])
+                layout.advance(torch.tensor([t]))
+            masked = logits[i, n - 1:len(ids) - 1].masked_fill(~torch.stack(mask), -math.inf)  # (A, V)
+            hits = masked.argmax(-1) == truth
+            logprob = float(torch.log_softmax(masked, -1).gather(1, truth[:, None]).sum())
+            results.append(Forced(bool(hits.all()), int(hits.sum()), len(truth), logprob))
     return results
 
 
@@ -179,7 +217,7 @@ def decode_uncached(
 class _Job:
     test_index: int
     view: augment.Transform
-    prompt: np.ndarray | None  # None when the view's prompt cannot fit the block
+    prompt: Encoded | None  # None when the view's prompt cannot fit the model
     reason: str | None = None
     result: tuple[list[int], float] | None = field(default=None, repr=False)
 
@@ -193,11 +231,11 @@ def solve_task(model: Any, task: Task, cfg: SolveConfig, device: torch.device) -
         seen = view.apply_task(task)
         for i, test in enumerate(seen.test):
             try:
-                prompt = encode_prompt(seen.demos, test.input, block_size=cfg.block_size).ids
+                prompt = encode_prompt(seen.demos, test.input, block_size=model.cfg.max_seq_len)
                 jobs += [_Job(i, view, prompt) for _ in range(cfg.samples)]
             except DoesNotFit as e:
-                jobs.append(_Job(i, view, None, f"prompt does not fit: {e}"))
-    runnable = sorted((j for j in jobs if j.prompt is not None), key=lambda j: len(j.prompt))
+                jobs.append(_Job(i, view, None, f"prompt does not fit the model's max_seq_len {model.cfg.max_seq_len}: {e}"))
+    runnable = sorted((j for j in jobs if j.prompt is not None), key=lambda j: len(j.prompt.ids))
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
     for start in range(0, len(runnable), cfg.batch):
         chunk = runnable[start : start + cfg.batch]

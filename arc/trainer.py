@@ -28,7 +28,7 @@ import torch
 from arc import checkpoint, data, kernels, synthetic
 from arc.config import help_field, to_dict
 from arc.dist import DistInfo, all_reduce_sum, barrier, destroy_distributed, init_distributed
-from arc.loader import ArcDataLoader
+from arc.loader import ArcDataLoader, Batch
 from arc.loss import autocast_for, loss_sum, target_count
 from arc.model import HybridLM, ModelConfig
 from arc.text import DEFAULT_ENCODING, TextLoader
@@ -62,7 +62,9 @@ class TrainConfig:
     # optimizer
     lr: float = help_field(1e-3, "peak learning rate")
     min_lr_ratio: float = help_field(0.1, "final learning rate as a fraction of the peak")
-    warmup: int = help_field(100, "linear warmup steps, then cosine decay to the end")
+    warmup: int = help_field(100, "linear warmup steps, then --schedule")
+    schedule: Literal["cosine", "wsd"] = help_field("cosine", "after warmup: cosine decay to the end, or wsd (warmup-stable-decay): constant, then a linear cooldown over the last --cooldown of the steps")
+    cooldown: float = help_field(0.2, "wsd only: share of the steps spent decaying to lr * min_lr_ratio")
     weight_decay: float = help_field(0.1, "AdamW weight decay on matrices (never on norms, biases, A_log, D, dt_bias)")
     beta1: float = help_field(0.9, "AdamW beta1")
     beta2: float = help_field(0.95, "AdamW beta2")
@@ -87,7 +89,8 @@ class TrainConfig:
         checks = [
             ("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1), ("grad_accum", self.grad_accum >= 1),
             ("tokens_per_step", self.tokens_per_step >= 0), ("lr", self.lr > 0), ("warmup", self.warmup >= 0),
-            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1), ("val_fraction", 0 <= self.val_fraction < 1),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1), ("cooldown", 0 <= self.cooldown <= 1),
+            ("schedule", self.schedule in ("cosine", "wsd")), ("val_fraction", 0 <= self.val_fraction < 1),
             ("block_size", self.block_size >= 64), ("split", self.split in ("train", "eval")),
             ("eval_split", self.eval_split in ("train", "eval")), ("grad_clip", self.grad_clip >= 0),
             ("log_every", self.log_every >= 1), ("save_every", self.save_every >= 0), ("val_every", self.val_every >= 0),
@@ -123,7 +126,7 @@ class OverlapError(ValueError):
 @dataclass
 class Data:
     train: ArcDataLoader | TextLoader
-    val: list[tuple[torch.Tensor, torch.Tensor]]  # fixed validation batches
+    val: list[Batch]  # fixed validation batches
     held_out: list[data.Task]  # held-out ARC tasks (for the solve check)
     vocab_size: int | None  # None: the ARC vocabulary; the text path sets its own
 
@@ -176,14 +179,14 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> Data:
         from arc.text import get_encoding
 
         n_val = int(len(loader.tokens) * cfg.val_fraction)
-        val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        val: list[Batch] = []
         if n_val > cfg.block_size + 1:
             val_tokens = loader.tokens[-n_val:]
             loader.tokens = loader.tokens[:-n_val]
             T = cfg.block_size
             for i in range(min(cfg.val_batches, (n_val - 1) // T)):
                 chunk = val_tokens[i * T : (i + 1) * T + 1]
-                val.append((chunk[:-1].view(1, T), chunk[1:].view(1, T)))
+                val.append(Batch(chunk[:-1].view(1, T), chunk[1:].view(1, T), None))
         return Data(loader, val, [], get_encoding(cfg.encoding).n_vocab)
 
     tasks = load_sources(cfg.data, cfg.split, cfg.seed)
@@ -206,11 +209,17 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> Data:
 
 # ---- optimisation -------------------------------------------------------------------------------
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at the last step."""
+    """Linear warmup to cfg.lr, then down to cfg.lr * cfg.min_lr_ratio at the last step: by a cosine
+    (``cosine``), or held constant and decayed linearly over the last ``cooldown`` share of the steps
+    (``wsd``, which keeps a run of any length learning at full rate until its end)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_steps = cfg.cooldown * cfg.steps
+        into = step - (cfg.steps - decay_steps)  # steps into the cooldown (negative before it)
+        return cfg.lr if into < 0 else cfg.lr - (cfg.lr - floor) * min(1.0, (into + 1) / max(decay_steps, 1))
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -221,15 +230,15 @@ def make_optimizer(model: HybridLM, cfg: TrainConfig, device: torch.device) -> t
 
 
 @torch.no_grad()
-def validation_loss(model: HybridLM, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig, device: torch.device) -> float:
+def validation_loss(model: HybridLM, batches: list[Batch], cfg: TrainConfig, device: torch.device) -> float:
     """Mean loss per target token over the fixed validation batches."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
+    for batch in batches:
+        x, y, pos = batch.to(device)
         with autocast_for(cfg.dtype, device):
-            logits, _ = model(x)
+            logits, _ = model(x, pos=pos)
         total += float(loss_sum(logits, y))
         count += target_count(y)
     model.train(was_training)
@@ -342,8 +351,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
         global_real, micro = 0.0, 0
         max_micro = cfg.grad_accum
         while True:
-            x, y = bundle.train.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T)
+            x, y, pos = bundle.train.next_batch().to(device)  # (B, T), (B, T), (B, T, N_POS) or None
             micro += 1
             n_real = int((x != PAD).sum()) if bundle.vocab_size is None else x.numel()
             if cfg.tokens_per_step:
@@ -354,7 +362,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
             sync = contextlib.nullcontext() if last or not info.is_distributed else model.no_sync()
             with sync:
                 with autocast_for(cfg.dtype, device):
-                    logits, _ = model(x)  # (B, T, V)
+                    logits, _ = model(x, pos=pos)  # (B, T, V)
                 batch_loss = loss_sum(logits, y)
                 batch_loss.backward()
             local_loss += float(batch_loss.detach())

@@ -142,10 +142,9 @@ class TaskFineTuner:
             for step in range(self.cfg.ttt_steps):
                 for g in self.optimizer.param_groups:
                     g["lr"] = self.cfg.ttt_lr * min(1.0, (step + 1) / max(1, self.cfg.ttt_warmup))
-                x, y = loader.next_batch()
-                x, y = x.to(device), y.to(device)  # (B, T), T <= block_size
+                x, y, pos = loader.next_batch().to(device)  # (B, T), (B, T), (B, T, N_POS); T <= block_size
                 with autocast_for("auto", device):
-                    logits, _ = self.model(x)  # (B, T, V)
+                    logits, _ = self.model(x, pos=pos)  # (B, T, V)
                 loss = mean_loss(logits, y)
                 loss.backward()
                 if self.cfg.ttt_grad_clip > 0:

@@ -25,15 +25,18 @@ from arc.data import load_tasks
 from arc.evaluate import load_model
 from arc.model import HybridLM, preset
 from arc.solve import SolveConfig, decode, decode_uncached, solve_tasks
-from arc.tokens import IN, OUT, ROW
+from arc.tokens import MAX_GRID_TOKENS, Encoded, encode_prompt
 
 
-def prompt_of_length(n: int, rng: np.random.Generator) -> np.ndarray:
-    """A layout-shaped prompt: rows of 9 colours and ROW, ending with OUT."""
-    body = []
-    while len(body) < n - 2:
-        body += list(rng.integers(0, 10, 9)) + [ROW]
-    return np.array([IN] + body[: n - 2] + [OUT], dtype=np.int64)
+def prompt_of_length(n: int, rng: np.random.Generator) -> Encoded:
+    """A prompt of about n tokens: demonstrations of random 9-wide grids, then a 1x9 test input."""
+    left = n - 13  # BOS, and IN <1 row of 9> OUT for the test input
+    demos = []
+    while left >= 23:  # a pair of r-row grids takes 20 r + 3 tokens
+        r = min(30, (left - 3) // 20)
+        demos.append((rng.integers(0, 10, (r, 9)), rng.integers(0, 10, (r, 9))))
+        left -= 20 * r + 3
+    return encode_prompt(demos, rng.integers(0, 10, (1, 9)), block_size=n + MAX_GRID_TOKENS)
 
 
 def cmd_cache(args) -> str:

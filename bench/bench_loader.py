@@ -31,7 +31,7 @@ def measure(loader: ArcDataLoader, epochs: int) -> dict:
     real = padded = batches = 0
     t0 = time.perf_counter()
     for _ in range(epochs):
-        for x, _ in loader.epoch_batches():
+        for x, _, _ in loader.epoch_batches():
             real += int((x != PAD).sum())
             padded += x.numel()
             batches += 1

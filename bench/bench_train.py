@@ -59,14 +59,14 @@ def seed_gpt(target_params: int) -> ModelConfig:
 def train_steps(model: HybridLM, loader: ArcDataLoader, steps: int, device: torch.device) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     real = padded = 0
-    x, y = loader.next_batch()  # warm-up step, not timed
+    x, y, _ = loader.next_batch()  # warm-up step, not timed
     loss = loss_sum(model(x.to(device))[0], y.to(device))
     loss.backward()
     opt.step()
     opt.zero_grad()
     t0 = time.perf_counter()
     for _ in range(steps):
-        x, y = loader.next_batch()
+        x, y, _ = loader.next_batch()
         x, y = x.to(device), y.to(device)
         logits, _ = model(x)
         (loss_sum(logits, y) / (y != -100).sum().clamp(min=1)).backward()

@@ -107,7 +107,7 @@ def test_cached_decoding_matches_recomputing_the_whole_sequence():
     torch.manual_seed(0)
     model = HybridLM(tiny()).eval()
     tasks = load_tasks("arc1", "eval")[:3]
-    prompts = [encode_prompt(t.demos, t.test[0].input, block_size=2048).ids for t in tasks]
+    prompts = [encode_prompt(t.demos, t.test[0].input, block_size=2048) for t in tasks]
     fast = decode(model, prompts, CPU, max_new_tokens=40)
     slow = decode_uncached(model, prompts, CPU, max_new_tokens=40)
     for (ids_f, lp_f), (ids_s, lp_s) in zip(fast, slow):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from arc.data import Pair, Task, load_tasks
-from arc.loader import ArcDataLoader, real_token_share
-from arc.tokens import BLOCK_SIZE, IGNORE_INDEX, PAD
+from arc.loader import ArcDataLoader
+from arc.tokens import BLOCK_SIZE, IGNORE_INDEX, N_POS, NO_GRID_POS, PAD, layout_positions
 
 
 def random_tasks(n: int, seed: int = 0, max_side: int = 12) -> list[Task]:
@@ -28,7 +28,7 @@ def rows(x: torch.Tensor) -> set[bytes]:
 def test_batches_are_padded_with_pad_and_ignored_targets():
     loader = ArcDataLoader(random_tasks(40), batch_size=4, seed=1)
     for _ in range(12):
-        x, y = loader.next_batch()
+        x, y, _ = loader.next_batch()
         assert x.dtype == y.dtype == torch.long and x.shape == y.shape
         assert x.shape[1] % 64 == 0 and x.shape[1] <= BLOCK_SIZE
         assert torch.all(y[x == PAD] == IGNORE_INDEX)
@@ -95,9 +95,9 @@ def test_resumed_loader_sees_the_same_batches_as_an_unbroken_one():
     state = first.state_dict()
     resumed = ArcDataLoader(tasks, batch_size=3, seed=3)
     resumed.load_state_dict(state)
-    for x_exp, y_exp in expected[11:]:
-        x, y = resumed.next_batch()
-        assert torch.equal(x, x_exp) and torch.equal(y, y_exp)
+    for exp in expected[11:]:
+        got = resumed.next_batch()
+        assert all(torch.equal(a, b) for a, b in zip(got, exp))
 
     with pytest.raises(ValueError, match="seed"):
         ArcDataLoader(tasks, batch_size=3, seed=4).load_state_dict(state)
@@ -113,7 +113,7 @@ def test_ranks_see_disjoint_shares_of_every_epoch():
             ld = ArcDataLoader(tasks, batch_size=4, augment=False, seed=5, rank=rank, world_size=2)
             ld.load_state_dict({"epoch": epoch, "position": 0, "seed": 5})
             assert ld.batches_per_epoch() == ArcDataLoader(tasks, batch_size=4, seed=5, rank=1 - rank, world_size=2).batches_per_epoch()
-            shares.append(set().union(*(rows(x) for x, _ in ld.epoch_batches())))
+            shares.append(set().union(*(rows(b.x) for b in ld.epoch_batches())))
         assert not shares[0] & shares[1]
         # together they cover the epoch, less at most one batch dropped so ranks stay in step
         assert shares[0] | shares[1] <= everything
@@ -122,15 +122,15 @@ def test_ranks_see_disjoint_shares_of_every_epoch():
 
 def test_epoch_batches_gives_a_full_pass_each_call():
     loader = ArcDataLoader(random_tasks(20), batch_size=4, augment=False)
-    first = [x for x, _ in loader.epoch_batches()]
-    second = [x for x, _ in loader.epoch_batches()]
+    first = [b.x for b in loader.epoch_batches()]
+    second = [b.x for b in loader.epoch_batches()]
     assert len(first) == len(second) == loader.batches_per_epoch() and loader.epoch == 1
 
 
 def test_token_budget_bounds_every_batch():
     loader = ArcDataLoader(random_tasks(60, max_side=20), batch_size=16, max_tokens=4096, seed=2)
     for _ in range(loader.batches_per_epoch()):
-        x, _ = loader.next_batch()
+        x = loader.next_batch().x
         assert x.numel() <= 4096
 
 
@@ -142,12 +142,24 @@ def test_length_buckets_keep_arc1_training_batches_mostly_real():
 
     def share(loader):
         real = total = 0
-        for x, _ in loader.epoch_batches():
+        for x, _, _ in loader.epoch_batches():
             real += int((x != PAD).sum())
             total += x.numel()
         return real / total
 
     assert share(bucketed) >= 0.90
     assert share(seed_like) < 0.35
-    x, _ = ArcDataLoader(tasks, batch_size=8).next_batch()
-    assert 0 < real_token_share(x) <= 1
+
+
+def test_batches_carry_each_token_s_2d_positions_and_padding_has_none():
+    tasks = random_tasks(12)
+    loader = ArcDataLoader(tasks, batch_size=4, augment=False, seed=0)
+    x, y, pos = loader.next_batch()
+    assert pos.shape == (*x.shape, N_POS)
+    for row in range(x.shape[0]):
+        real = int((x[row] != PAD).sum())
+        ids = x[row, :real].numpy()
+        expected, _ = layout_positions(ids)  # the reference parser, from the ids alone
+        assert np.array_equal(pos[row, :real].numpy(), expected)
+        assert (pos[row, real:] == torch.tensor(NO_GRID_POS)).all()
+

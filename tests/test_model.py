@@ -193,6 +193,24 @@ def test_flops_estimate_counts_matmuls_and_grows_with_attention_length():
     assert f4 - f1 == pytest.approx(2 * 12 * 256 * 3072)  # two attention layers
 
 
+def test_2d_options_round_trip_through_a_checkpoint_and_old_configs_keep_the_old_model(tmp_path):
+    from arc import checkpoint
+    enc = _instances(1, seed=4)[0]
+    ids, pos = torch.as_tensor(enc.ids)[None], torch.as_tensor(enc.pos)[None]
+    m = tiny(grid_pos=True, align_input=True, rope="grid")
+    checkpoint.save_atomic({"model": m.state_dict(), "model_config": m.cfg.to_dict()}, tmp_path / "c.pt")
+    saved = checkpoint.load(tmp_path / "c.pt")
+    back = HybridLM(ModelConfig.from_dict(saved["model_config"])).eval()
+    back.load_state_dict(saved["model"])  # strict: the new embeddings are in the state dict
+    assert (back.cfg.grid_pos, back.cfg.align_input, back.cfg.rope) == (True, True, "grid")
+    torch.testing.assert_close(back(ids, pos=pos)[0], m(ids, pos=pos)[0], rtol=0, atol=0)
+    # a config written before these fields existed builds the model it described: no new parameters
+    old = {k: v for k, v in tiny().cfg.to_dict().items() if k not in ("grid_pos", "align_input", "rope")}
+    plain = HybridLM(ModelConfig.from_dict(old))
+    assert not plain.cfg.uses_positions
+    assert plain.state_dict().keys() == tiny().state_dict().keys()
+
+
 # ---- cached decoding ----------------------------------------------------------------------------
 def _check_decoding(m: HybridLM, prompt_lengths, new_tokens: int, atol: float = 2e-5):
     gen = torch.Generator().manual_seed(3)
@@ -225,6 +243,53 @@ def test_decoding_works_for_pure_attention_and_pure_mamba_under_inference_mode()
             _check_decoding(m, [3, 20], new_tokens=4)
 
 
+def _instances(n: int, seed: int):
+    """Real ARC layouts (random grids), so the 2D channels mean something."""
+    import numpy as np
+
+    from arc.tokens import encode_instance
+    rng = np.random.default_rng(seed)
+    def grid():
+        return rng.integers(0, 10, (int(rng.integers(1, 6)), int(rng.integers(1, 6))))
+    return [encode_instance([(grid(), grid()) for _ in range(int(rng.integers(1, 4)))], grid(), grid()) for _ in range(n)]
+
+
+@pytest.mark.parametrize("options", [dict(grid_pos=True), dict(align_input=True), dict(rope="grid"),
+                                     dict(grid_pos=True, align_input=True, rope="grid")])
+def test_prefill_then_steps_equal_full_forward_with_2d_positions(options):
+    from arc.tokens import OUT
+    m = tiny(**options)
+    encs = _instances(4, seed=1)
+    cuts = [int(max(i for i, t in enumerate(e.ids) if t == OUT)) + 1 for e in encs]  # each prompt ends at the test's OUT
+    full = [(torch.as_tensor(e.ids), torch.as_tensor(e.pos)) for e in encs]
+    ref = [m(ids[None], pos=pos[None])[0][0] for ids, pos in full]  # (L, V) each
+    cache, logits = m.prefill([ids[:c] for (ids, _), c in zip(full, cuts)], 40, [pos[:c] for (_, pos), c in zip(full, cuts)])
+    for i, c in enumerate(cuts):
+        torch.testing.assert_close(logits[i], ref[i][c - 1], rtol=0, atol=2e-5)
+    new = min(len(e.ids) - c for e, c in zip(encs, cuts))
+    for t in range(new):
+        tok = torch.stack([ids[c + t] for (ids, _), c in zip(full, cuts)])
+        pos = torch.stack([p[c + t] for (_, p), c in zip(full, cuts)])
+        logits = m.step(tok, cache, pos)
+        for i, c in enumerate(cuts):
+            torch.testing.assert_close(logits[i], ref[i][c + t], rtol=0, atol=2e-5)
+
+
+def test_2d_positions_change_the_logits_and_are_required_when_configured():
+    enc = _instances(1, seed=2)[0]
+    ids, pos = torch.as_tensor(enc.ids)[None], torch.as_tensor(enc.pos)[None]
+    m = tiny(grid_pos=True, align_input=True, rope="grid")
+    with pytest.raises(ValueError, match="takes 2D positions"):
+        m(ids)
+    with pytest.raises(ValueError, match="takes 2D positions"):
+        m.prefill([ids[0]], 4)
+    moved = pos.clone()
+    moved[..., 0] = (moved[..., 0] + 1) % 31  # every row one further down
+    assert not torch.allclose(m(ids, pos=pos)[0], m(ids, pos=moved)[0])
+    plain = tiny()  # the default config ignores positions entirely
+    torch.testing.assert_close(plain(ids)[0], plain(ids, pos=moved)[0], rtol=0, atol=0)
+
+
 def test_mamba_state_size_does_not_depend_on_prompt_length():
     m = tiny(layer_pattern="M", n_layer=2)
     short, _ = m.prefill([torch.zeros(3, dtype=torch.long)], 1)
@@ -242,7 +307,7 @@ def test_cache_select_drops_sequences_and_the_rest_continue_exactly():
     m.step(torch.stack([f[n] for f, n in zip(full, lens)]), cache)
     kept = [2, 0]
     assert cache.select(torch.tensor(kept)) is cache and cache.batch_size == 2
-    cache = m.cache_select(cache, torch.arange(2))  # the model-level alias; keeping everyone changes nothing
+    cache = cache.select(torch.arange(2))  # keeping everyone changes nothing
     for t in (1, 2):
         logits = m.step(torch.stack([full[i][lens[i] + t] for i in kept]), cache)
         for row, i in enumerate(kept):

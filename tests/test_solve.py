@@ -1,14 +1,18 @@
 """The solver without a trained model: constrained decoding, views and their inversion, voting.
 
-Stand-in models implement the solver's model interface (prefill / step / cache.select), so these
-tests check the solver's own logic: what a model says is fed through exactly as a real one's is.
+Stand-in models implement the solver's model interface (cfg.max_seq_len, prefill / step /
+cache.select), so these tests check the solver's own logic: what a model says is fed through exactly
+as a real one's is.
 """
+from types import SimpleNamespace
+
 import numpy as np
+import pytest
 import torch
 
 from arc import augment
 from arc.data import Pair, Task
-from arc.solve import GridConstraint, SolveConfig, decode, solve_task, submission_of
+from arc.solve import SolveConfig, decode, solve_task, solve_tasks, submission_of
 from arc.tokens import EOO, IN, OUT, PAD, ROW, VOCAB_SIZE, decode_grid, encode_prompt, grid_tokens
 
 CPU = torch.device("cpu")
@@ -28,8 +32,10 @@ class _Cache:
 class ScriptedModel(torch.nn.Module):
     """Emits, after each prompt, the token list ``script(prompt_ids)``; random logits elsewhere."""
 
-    def __init__(self, script, noise: float = 0.0, seed: int = 0):
+    def __init__(self, script, noise: float = 0.0, seed: int = 0, max_seq_len: int = 4096):
         super().__init__()
+        self.cfg = SimpleNamespace(max_seq_len=max_seq_len)
+        self.seen_prompts: list[np.ndarray] = []
         self.script = script
         self.noise = noise
         self.gen = torch.Generator().manual_seed(seed)
@@ -41,11 +47,13 @@ class ScriptedModel(torch.nn.Module):
             out[r, wanted] += 10.0
         return out
 
-    def prefill(self, prompts, max_new_tokens):
+    def prefill(self, prompts, max_new_tokens, positions=None):
+        assert max(len(p) for p in prompts) + max_new_tokens <= self.cfg.max_seq_len
+        self.seen_prompts += [p.numpy() for p in prompts]
         cache = _Cache([self.script(p.numpy()) for p in prompts])
         return cache, self._logits(cache)
 
-    def step(self, tokens, cache):
+    def step(self, tokens, cache, pos=None):
         cache.pos = [p + 1 for p in cache.pos]
         return self._logits(cache)
 
@@ -59,23 +67,6 @@ def make_task(seed: int = 0) -> Task:
     return Task("tflip", tuple(pairs[:3]), (pairs[3],))
 
 
-def test_constraint_mask_enforces_rectangular_grids():
-    c = GridConstraint(1, CPU)
-    allowed = c.mask(VOCAB_SIZE)[0]
-    assert allowed[:10].all() and not allowed[ROW] and not allowed[EOO] and not allowed[PAD]
-    for tok in [3, 4, ROW]:  # first row has width 2
-        c.update(torch.tensor([tok]))
-    c.update(torch.tensor([5]))
-    allowed = c.mask(VOCAB_SIZE)[0]
-    assert allowed[:10].all() and not allowed[ROW] and not allowed[EOO]  # one cell: must continue
-    c.update(torch.tensor([6]))
-    allowed = c.mask(VOCAB_SIZE)[0]
-    assert not allowed[:10].any() and allowed[ROW] and not allowed[EOO]  # full width: must end the row
-    c.update(torch.tensor([ROW]))
-    allowed = c.mask(VOCAB_SIZE)[0]
-    assert allowed[:10].all() and allowed[EOO] and not allowed[ROW]
-
-
 def test_decoder_never_emits_an_ill_formed_grid_even_when_the_model_wants_to():
     """A model that prefers structural garbage (PAD, IN, OUT, early EOO, ragged rows) still yields grids."""
     rng = np.random.default_rng(0)
@@ -84,7 +75,7 @@ def test_decoder_never_emits_an_ill_formed_grid_even_when_the_model_wants_to():
         return list(rng.choice([PAD, IN, OUT, EOO, ROW, 1, 2], size=1000))
 
     model = ScriptedModel(garbage, noise=3.0)
-    prompts = [encode_prompt(make_task(s).demos, make_task(s).test[0].input).ids for s in range(6)]
+    prompts = [encode_prompt(make_task(s).demos, make_task(s).test[0].input) for s in range(6)]
     for temperature in (0.0, 1.0):
         for ids, mean_lp in decode(model, prompts, CPU, temperature=temperature, generator=torch.Generator().manual_seed(1)):
             out = decode_grid(ids)
@@ -94,9 +85,36 @@ def test_decoder_never_emits_an_ill_formed_grid_even_when_the_model_wants_to():
 
 def test_decoder_caps_grids_at_30_by_30():
     model = ScriptedModel(lambda p: [1] * 5000)  # never ends a row on its own
-    (ids, _), = decode(model, [np.array([1, 2, 3])], CPU)
+    (ids, _), = decode(model, [encode_prompt(make_task(0).demos, make_task(0).test[0].input)], CPU)
     grid = decode_grid(ids).grid
     assert grid.shape == (30, 30)
+
+
+def test_a_small_model_gets_prompts_that_fit_and_answers_that_end_within_its_length():
+    """max_seq_len 120: demonstrations are dropped until the prompt leaves room, and a model that never
+    stops writing still ends its grid within what is left."""
+    task = make_task(5)
+    model = ScriptedModel(lambda p: [3] * 5000, max_seq_len=120)
+    pred = solve_task(model, task, SolveConfig(views=1), CPU)
+    (prompt,) = model.seen_prompts
+    full = encode_prompt(task.demos, task.test[0].input)
+    assert len(prompt) < len(full.ids) and prompt[-1] == OUT  # demonstrations were dropped
+    (test,) = pred.tests
+    generated = pred.generated_tokens
+    assert len(prompt) + generated <= 120 and test.attempt_1.size > 1 and (test.attempt_1 == 3).all()
+
+
+def test_a_test_that_cannot_fit_the_model_is_reported_and_the_run_goes_on():
+    big = Task("big", (Pair(np.ones((30, 30), int), np.ones((30, 30), int)),), (Pair(np.ones((30, 30), int), np.ones((2, 2), int)),))
+    small = make_task(6)
+    model = ScriptedModel(lambda p: [7, ROW, EOO], max_seq_len=400)
+    preds = solve_tasks(model, [big, small], SolveConfig(views=2), device=CPU, progress=False)
+    (test,) = preds[0].tests
+    assert test.info["placeholder"] and test.correct == [False, False]
+    reasons = {m["reason"] for m in test.info["malformed"]}
+    assert reasons == {"prompt does not fit the model's max_seq_len 400: needs 2399 more tokens than the block allows "
+                       "even with one demonstration and a 1x1 answer"}
+    assert preds[1].tests[0].attempt_1.tolist() == [[7]]  # the next task was solved as usual
 
 
 def test_views_are_inverted_before_voting_so_an_oracle_wins_every_vote():
@@ -106,7 +124,7 @@ def test_views_are_inverted_before_voting_so_an_oracle_wins_every_vote():
     answer = {}
     for v in views:  # what the model should write for each view's prompt: the view's own truth
         seen = v.apply_task(task)
-        key = encode_prompt(seen.demos, seen.test[0].input).ids.tobytes()
+        key = encode_prompt(seen.demos, seen.test[0].input).ids.tobytes()  # what the solver will send
         answer[key] = list(np.append(grid_tokens(seen.test[0].output), EOO))
 
     model = ScriptedModel(lambda p: answer[p.astype(np.int64).tobytes()])
@@ -135,3 +153,21 @@ def test_submission_has_both_attempts_for_every_test_input():
     sub = submission_of(preds)
     assert list(sub) == ["two"] and len(sub["two"]) == 2
     assert all(set(e) == {"attempt_1", "attempt_2"} and e["attempt_1"] == [[7]] for e in sub["two"])
+
+
+@pytest.mark.parametrize("options", [{}, dict(grid_pos=True, align_input=True, rope="grid")])
+def test_teacher_forced_exact_is_greedy_decoding_in_one_pass(options):
+    """What greedy decoding writes reads as exact under teacher forcing; any other grid does not."""
+    from arc.model import HybridLM, preset
+    from arc.solve import teacher_forced
+
+    torch.manual_seed(0)
+    model = HybridLM(preset("tiny", **options)).eval()
+    tasks = [make_task(s) for s in range(5)]
+    prompts = [encode_prompt(t.demos, t.test[0].input, block_size=model.cfg.max_seq_len) for t in tasks]
+    greedy = [decode_grid(ids).grid for ids, _ in decode(model, prompts, CPU)]
+    forced = teacher_forced(model, prompts, greedy, CPU, batch=2)
+    assert all(f.exact and f.correct_tokens == f.tokens == g.size + g.shape[0] + 1 for f, g in zip(forced, greedy))
+    assert all(np.isfinite(f.logprob) and f.logprob <= 0 for f in forced)
+    other = [np.where(g == 0, 1, 0) for g in greedy]  # every cell changed
+    assert not any(f.exact for f in teacher_forced(model, prompts, other, CPU))

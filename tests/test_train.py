@@ -41,6 +41,15 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
 
 
+def test_wsd_schedule_holds_the_peak_then_cools_down_linearly():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1, schedule="wsd", cooldown=0.2)
+    assert [lr_at(s, cfg) for s in (0, 9)] == pytest.approx([0.1, 1.0])
+    assert all(lr_at(s, cfg) == 1.0 for s in range(10, 80))  # stable until the last 20 steps
+    assert lr_at(80, cfg) == pytest.approx(1.0 - 0.9 / 20)  # the first cooldown step
+    assert lr_at(89, cfg) == pytest.approx(0.55)
+    assert lr_at(99, cfg) == pytest.approx(0.1)
+
+
 def test_config_errors_name_the_flag():
     with pytest.raises(ValueError, match="--steps"):
         TrainConfig(steps=0)
@@ -96,7 +105,7 @@ def test_overfitting_one_batch_drives_the_loss_near_zero():
     from arc.model import HybridLM
     from arc.synthetic import make_tasks
 
-    x, y = ArcDataLoader(make_tasks(2, seed=0), batch_size=2, augment=False).next_batch()
+    x, y, _ = ArcDataLoader(make_tasks(2, seed=0), batch_size=2, augment=False).next_batch()
     model = HybridLM(tiny())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(150):

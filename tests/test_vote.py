@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -62,11 +63,12 @@ def parse_prompt(ids: np.ndarray) -> tuple[list[tuple[np.ndarray, np.ndarray]], 
 
 
 class InContextModel:
-    """The solver's model interface (prefill / step / cache.select) over an in-context solver: for
-    each prompt it writes ``answer(demos, test_input)``'s tokens, then EOO."""
+    """The solver's model interface (cfg.max_seq_len, prefill / step / cache.select) over an
+    in-context solver: for each prompt it writes ``answer(demos, test_input)``'s tokens, then EOO."""
 
     def __init__(self, answer):
         self.answer = answer
+        self.cfg = SimpleNamespace(max_seq_len=4096)
 
     class Cache:
         def __init__(self, scripts):
@@ -82,12 +84,12 @@ class InContextModel:
             out[r, script[min(pos, len(script) - 1)]] = 10.0
         return out
 
-    def prefill(self, prompts, max_new_tokens):
+    def prefill(self, prompts, max_new_tokens, positions=None):
         scripts = [list(np.append(grid_tokens(self.answer(*parse_prompt(p.numpy()))), EOO)) for p in prompts]
         cache = self.Cache(scripts)
         return cache, self._logits(cache)
 
-    def step(self, tokens, cache):
+    def step(self, tokens, cache, pos=None):
         cache.pos = [p + 1 for p in cache.pos]
         return self._logits(cache)
 
