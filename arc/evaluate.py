@@ -74,7 +74,7 @@ class EvalConfig:
     limit: int | None = help_field(None, "only the first N tasks (after --tasks and --sample)")
     seed: int = help_field(0, "seed of --sample, of the colour-permutation views, of sampling and of test-time training")
     device: str = help_field("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
-    out: str = help_field("", "output directory (required)")
+    out: str | None = help_field(None, "output directory (required)")
     overwrite: bool = help_field(False, "start afresh when --out holds the progress of another checkpoint or settings")
     report_limit: int | None = help_field(None, "at most this many task sections in report.html")
     progress: bool = help_field(True, "show a progress bar")
