@@ -2,37 +2,30 @@
 
 A checkpoint is one ``torch.save`` dict: ``model`` (state dict of the unwrapped module), ``model_config``
 and ``train_config`` (plain dicts), ``optimizer``, ``step``, ``loader`` (its state), ``rng`` (torch CPU
-and CUDA generator states), ``best_val`` and ``vocab_size``. It is written to a temporary file in the
-same folder and renamed over the old one, so a kill at any moment leaves the previous checkpoint whole.
+and CUDA generator states), ``best_val``, ``val_loss`` and ``train_fingerprints`` (the sorted content
+fingerprints, :func:`arc.data.task_fingerprint`, of the tasks trained on, so evaluation can warn
+about tasks the model has seen). It is written through :mod:`arc.files` (a temporary file beside it,
+renamed over the old one), so a kill at any moment leaves the previous checkpoint whole; the
+temporary file a kill leaves behind is removed by the next save or load in that folder.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from arc import files
 
 LATEST = "latest.pt"
 BEST = "best.pt"
 
 
 def save_atomic(payload: dict[str, Any], path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save ``payload`` to ``path`` atomically (and remove a killed earlier write's leftovers)."""
+    with files.atomic_open(path) as f:
+        torch.save(payload, f)
 
 
 def resolve(path: str | os.PathLike, which: str = LATEST) -> Path:
@@ -52,6 +45,8 @@ def resolve(path: str | os.PathLike, which: str = LATEST) -> Path:
 def load(path: str | os.PathLike, which: str = LATEST, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint dict; a file that is not one of ours gets an error naming it."""
     file = resolve(path, which)
+    for name in {LATEST, BEST, file.name}:
+        files.clean_stale(file.parent / name)
     try:
         ckpt = torch.load(file, map_location=map_location, weights_only=False)
     except Exception as e:  # torch raises several types for a truncated or foreign file

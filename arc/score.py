@@ -70,7 +70,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -78,6 +77,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from arc.data import Task
+from arc.files import atomic_write_text  # the one atomic-write helper (report.py and evaluate.py import it from here)
 from arc.grid import GridError, parse_grid, same_grid
 
 log = logging.getLogger(__name__)
@@ -421,21 +421,6 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.floating):
         return float(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to a temporary file beside ``path``, then rename it over ``path``: a reader
-    never sees half a file, and a crash leaves the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_submission(path: str | os.PathLike, submission: Mapping[str, Any]) -> None:

@@ -25,7 +25,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from arc import checkpoint, data, kernels, synthetic
+from arc import checkpoint, data, kernels, sources
 from arc.config import help_field, to_dict
 from arc.dist import DistInfo, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from arc.loader import ArcDataLoader, Batch
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainConfig:
     # data
-    data: str = help_field("arc1", "training sources, comma-separated: arc1, arc2, a task folder, a *_challenges.json, synthetic[:N tasks], or text:FILE")
+    data: str = help_field("arc1", "training sources, comma-separated (the same content is kept once): arc1, arc2, a task folder, a *_challenges.json, synthetic[:N tasks]; or text:FILE alone")
     split: str = help_field("train", "split of the ARC sources to train on: train or eval")
     eval_data: str = help_field("arc1", "the evaluation set this run is meant for: its tasks are never trained on (leakage guard)")
     eval_split: str = help_field("eval", "split of --eval_data")
@@ -131,20 +131,6 @@ class Data:
     vocab_size: int | None  # None: the ARC vocabulary; the text path sets its own
 
 
-def load_sources(spec: str, split: str, seed: int) -> list[data.Task]:
-    """Tasks of every comma-separated ARC source in ``spec`` (``synthetic[:N]`` generates N)."""
-    tasks: list[data.Task] = []
-    for source in [s.strip() for s in spec.split(",") if s.strip()]:
-        if source == "synthetic" or source.startswith("synthetic:"):
-            n = int(source.split(":", 1)[1]) if ":" in source else 2000
-            tasks += synthetic.make_tasks(n, seed=seed + (0 if split == "train" else 1))
-        elif source.startswith("text:"):
-            raise ValueError(f"--data: {source} cannot be combined with ARC sources (a text model has its own vocabulary)")
-        else:
-            tasks += data.load_tasks(source, split)
-    return tasks
-
-
 def guard_overlap(train_tasks: list[data.Task], eval_tasks: list[data.Task], mode: str, eval_name: str) -> list[data.Task]:
     """Refuse, drop or allow training tasks whose content equals an evaluation task."""
     pairs = data.find_overlap(train_tasks, eval_tasks)
@@ -173,8 +159,8 @@ def split_held_out(tasks: list[data.Task], fraction: float, seed: int) -> tuple[
 
 
 def build_data(cfg: TrainConfig, info: DistInfo) -> Data:
-    if cfg.data.startswith("text:"):
-        loader = TextLoader.from_file(cfg.data[5:], encoding=cfg.encoding, batch_size=cfg.batch_size,
+    if sources.is_text(cfg.data):
+        loader = TextLoader.from_file(sources.text_path(cfg.data), encoding=cfg.encoding, batch_size=cfg.batch_size,
                                       seq_len=cfg.block_size, rank=info.rank, world_size=info.world_size)
         from arc.text import get_encoding
 
@@ -189,9 +175,9 @@ def build_data(cfg: TrainConfig, info: DistInfo) -> Data:
                 val.append(Batch(chunk[:-1].view(1, T), chunk[1:].view(1, T), None))
         return Data(loader, val, [], get_encoding(cfg.encoding).n_vocab)
 
-    tasks = load_sources(cfg.data, cfg.split, cfg.seed)
+    tasks = sources.load_tasks(cfg.data, cfg.split, seed=cfg.seed).tasks
     eval_name = f"{cfg.eval_data} {cfg.eval_split}"
-    eval_tasks = load_sources(cfg.eval_data, cfg.eval_split, cfg.seed)
+    eval_tasks = sources.load_tasks(cfg.eval_data, cfg.eval_split, seed=cfg.seed).tasks
     tasks = guard_overlap(tasks, eval_tasks, "allow" if cfg.allow_overlap else cfg.overlap, eval_name)
     train_tasks, held_out = split_held_out(tasks, cfg.val_fraction, cfg.seed)
     if cfg.eval_demos:
