@@ -12,7 +12,8 @@ tasks, with the same final outputs as an unbroken run); a finished one is rebuil
 solving. The journal records the checkpoint's content hash and the solve/TTT settings: another
 checkpoint or other settings in the same folder are refused unless ``--overwrite true``.
 
-Which tasks: ``--data``/``--split`` (``--skip_bad`` leaves bad task files out and lists them), then
+Which tasks: ``--data``/``--split``, any form :mod:`arc.sources` reads (``arc1,arc2``, ``synthetic:200``,
+...; the same content kept once; ``--skip_bad`` leaves bad task files out and lists them), then
 ``--tasks`` (ids, in that order), then ``--sample N`` (a fixed random subset of N, drawn with
 ``--seed`` from the ids sorted, so it does not depend on the order the source lists them in, and a
 smaller sample is the start of a larger one), then ``--limit N`` (the first N). A checkpoint that
@@ -35,13 +36,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from arc import checkpoint, data, kernels
+from arc import checkpoint, data, kernels, sources
 from arc.config import help_field
 from arc.dist import pick_device
+from arc.files import atomic_write_text
 from arc.model import HybridLM, ModelConfig
 from arc.report import write_report
 from arc.score import (
-    atomic_write_text,
     build_results,
     jsonable,
     load_submission,
@@ -66,13 +67,15 @@ class EvalConfig:
     ckpt: str | None = help_field(None, "a checkpoint file, or a run directory from train.py")
     submission: str | None = help_field(None, "score this submission.json instead of running a model")
     which: str = help_field(checkpoint.LATEST, "checkpoint inside a run directory: latest.pt or best.pt")
-    data: str = help_field("arc1", "arc1, arc2, a task folder or a *_challenges.json")
+    data: str = help_field("arc1", "arc1, arc2, a task folder, a *_challenges.json, a bundle .json, synthetic[:N], "
+                                   "or several of them comma-separated (each content kept once)")
     split: Literal["train", "eval"] = help_field("eval", "which split of --data")
     skip_bad: bool = help_field(False, "leave bad task files out (listed in results.json) instead of stopping")
     tasks: str | None = help_field(None, "comma-separated task ids, evaluated in this order")
     sample: int | None = help_field(None, "a fixed random subset of N tasks, drawn with --seed (after --tasks)")
     limit: int | None = help_field(None, "only the first N tasks (after --tasks and --sample)")
-    seed: int = help_field(0, "seed of --sample, of the colour-permutation views, of sampling and of test-time training")
+    seed: int = help_field(0, "seed of --sample, of synthetic sources, of the colour-permutation views, of sampling "
+                              "and of test-time training")
     device: str = help_field("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
     out: str | None = help_field(None, "output directory (required)")
     overwrite: bool = help_field(False, "start afresh when --out holds the progress of another checkpoint or settings")
@@ -154,8 +157,10 @@ class Selection:
     """The tasks to evaluate and how they were chosen (recorded in results.json's ``run``)."""
 
     tasks: list[data.Task]
+    source: str  # what --data names, in words
     skipped: list[dict[str, str]]  # bad task files left out with --skip_bad: task_id, file, reason
     duplicates: list[tuple[str, str]]  # (dropped id, kept id): same content in combined sources
+    renamed: list[tuple[str, str]]  # (new id, original id): the same id with other content in combined sources
     sample: dict[str, Any] | None  # {n, seed, ids} when --sample drew them
 
 
@@ -190,12 +195,13 @@ def select_tasks(tasks: list[data.Task], ids: Sequence[str] | None = None, *, sa
 
 
 def load_selection(cfg: EvalConfig) -> Selection:
-    """The tasks of ``cfg`` (source, bad files, ids, sample, limit)."""
-    bad: list[data.BadTask] = []
-    tasks = data.load_tasks(cfg.data, cfg.split, skip_bad=cfg.skip_bad, report=bad)
-    tasks, sample = select_tasks(tasks, cfg.task_ids, sample=cfg.sample, seed=cfg.seed, limit=cfg.limit)
-    skipped = [{"task_id": b.task_id, "file": b.file, "reason": b.reason} for b in bad]
-    return Selection(tasks, skipped, [], sample)
+    """The tasks of ``cfg``: ``--data`` read by :func:`arc.sources.load_tasks` (bad files, combined
+    sources), then ids, sample and limit."""
+    loaded = sources.load_tasks(cfg.data, cfg.split, seed=cfg.seed, skip_bad=cfg.skip_bad)
+    tasks, sample = select_tasks(loaded.tasks, cfg.task_ids, sample=cfg.sample, seed=cfg.seed, limit=cfg.limit)
+    skipped = [{"task_id": b.task_id, "file": b.file, "reason": b.reason} for b in loaded.bad]
+    return Selection(tasks, sources.describe(cfg.data, cfg.split, seed=cfg.seed), skipped, loaded.duplicates,
+                     loaded.renamed, sample)
 
 
 def seen_in_training(tasks: Sequence[data.Task], ckpt: dict) -> list[str]:
@@ -297,8 +303,9 @@ def write_outputs(out: Path, tasks: Sequence[data.Task], submission: dict, *, ru
 
 
 def _run_record(cfg: EvalConfig, selection: Selection) -> dict[str, Any]:
-    return {"data": cfg.data, "split": cfg.split, "sample": selection.sample, "skipped": selection.skipped,
-            "duplicates": [list(d) for d in selection.duplicates]}
+    return {"data": cfg.data, "split": cfg.split, "source": selection.source, "sample": selection.sample,
+            "skipped": selection.skipped, "duplicates": [list(d) for d in selection.duplicates],
+            "renamed": [list(r) for r in selection.renamed]}
 
 
 def evaluate(cfg: EvalConfig, solve_cfg: SolveConfig, ttt_cfg: TTTConfig | None = None) -> dict:

@@ -22,7 +22,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from arc.data import Task
-from arc.score import atomic_write_text, read_grid
+from arc.files import atomic_write_text
+from arc.score import read_grid
 
 # The standard ARC palette, colour 0..9.
 PALETTE = (
@@ -194,7 +195,8 @@ def _header(results: Mapping[str, Any], n_tasks: int) -> list[str]:
     if run.get("submission"):
         rows.append(("submission", run["submission"]))
     if run.get("data") is not None:
-        rows.append(("tasks from", f"--data {run['data']} --split {run.get('split', '')}"))
+        source = f" ({run['source']})" if run.get("source") else ""
+        rows.append(("tasks from", f"--data {run['data']} --split {run.get('split', '')}{source}"))
     sample = run.get("sample")
     if sample:
         rows.append(("sample", f"{sample.get('n')} tasks drawn at random with seed {sample.get('seed')}"))
@@ -215,7 +217,8 @@ def _header(results: Mapping[str, Any], n_tasks: int) -> list[str]:
     for title, items in (("submission warnings", results.get("warnings") or []),
                          ("tasks skipped as bad (--skip_bad)",
                           [f"{b.get('task_id')} ({b.get('file')}): {b.get('reason')}" for b in run.get("skipped") or []]),
-                         ("duplicates dropped (same content)", [f"{d[0]} = {d[1]}" for d in run.get("duplicates") or []])):
+                         ("duplicates dropped (same content)", [f"{d[0]} = {d[1]}" for d in run.get("duplicates") or []]),
+                         ("ids renamed (same id, other content)", [f"{r[1]} -> {r[0]}" for r in run.get("renamed") or []])):
         if items:
             out.append(f"<details><summary>{len(items)} {_esc(title)}</summary><ul>")
             out += [f"<li>{_esc(w)}</li>" for w in items[:MAX_LISTED]]

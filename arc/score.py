@@ -32,9 +32,10 @@ the caller knows about how the submission was made; strict JSON (no NaN: non-fin
       "warnings": [str, ...],       # everything that was wrong with the submission
       "run": {...},                 # how the submission was made, as the caller records it; eval.py:
                                     #   checkpoint, checkpoint_step, model_config | submission,
-                                    #   data, split, device, machine, settings {solve, ttt, eval},
-                                    #   sample {n, seed, ids} | null, skipped [{task_id, file, reason}],
-                                    #   duplicates [[dropped, kept]], seen_in_training [task_id],
+                                    #   data, split, source, device, machine, settings {eval, solve,
+                                    #   ttt}, sample {n, seed, ids} | null, skipped [{task_id, file,
+                                    #   reason}], duplicates [[dropped, kept]], renamed [[new, original]],
+                                    #   seen_in_training [task_id],
                                     #   seconds, generated_tokens, resumed_tasks
       "tasks": {                    # every task given, in the order given
         task_id: {
@@ -77,7 +78,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from arc.data import Task
-from arc.files import atomic_write_text  # the one atomic-write helper (report.py and evaluate.py import it from here)
+from arc.files import atomic_write_text
 from arc.grid import GridError, parse_grid, same_grid
 
 log = logging.getLogger(__name__)

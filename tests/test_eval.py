@@ -3,6 +3,8 @@ checked first; resume after an interruption; flags from the config dataclasses; 
 seen in training; --sample; --skip_bad; cached decoding parity."""
 import dataclasses
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -367,3 +369,42 @@ def test_sample_is_a_fixed_random_subset_named_in_results(small, tmp_path):
     assert results["run"]["sample"] == {"n": 3, "seed": 4, "ids": expected}
     assert list(results["tasks"]) == expected
     assert "3 tasks drawn at random with seed 4" in (tmp_path / "o" / "report.html").read_text()
+
+
+# ---- --data: every form arc.sources reads ------------------------------------------------------
+
+
+def test_data_synthetic_is_evaluated_with_a_model(tmp_path):
+    ckpt = save_model(short_answer_model(), tmp_path / "m.pt")
+    out = tmp_path / "o"
+    assert eval_cli.main(["--ckpt", str(ckpt), "--data", "synthetic:6", "--limit", "2", "--views", "1", "--out", str(out),
+                          "--progress", "false"]) == 0
+    results = read(out / "results.json")
+    assert list(results["tasks"]) == ["syn-flip_h-1-0", "syn-flip_v-1-1"]  # the eval split's generator seed: --seed + 1
+    assert results["tasks_scored"] == 2 and results["run"]["source"] == "6 synthetic tasks (seed 1)"
+
+
+def test_data_arc1_arc2_combined_keeps_each_content_once(tmp_path):
+    """arc1,arc2 eval: 400 + 120 tasks, 6 of ARC-AGI-2's with the content of an ARC-AGI-1 task."""
+    truth = {t.id: [{"attempt_1": p.output.tolist(), "attempt_2": [[0]]} for p in t.test]
+             for spec in ("arc1", "arc2") for t in load_tasks(spec, "eval")}
+    (tmp_path / "truth.json").write_text(json.dumps(truth))
+    out = tmp_path / "o"
+    assert eval_cli.main(["--submission", str(tmp_path / "truth.json"), "--data", "arc1,arc2", "--out", str(out)]) == 0
+    results = read(out / "results.json")
+    assert (len(results["tasks"]), results["tasks_scored"], results["score"]) == (514, 514, 1.0)
+    dropped = results["run"]["duplicates"]
+    assert len(dropped) == 6 and ["0934a4d8", "0934a4d8"] in dropped
+    assert "6 duplicates dropped (same content)" in (out / "report.html").read_text()
+
+
+def test_outputs_are_created_with_the_users_umask(small, tmp_path):
+    ckpt, tasks = small
+    old = os.umask(0o022)
+    try:
+        assert eval_cli.main(eval_args(ckpt, tasks, tmp_path / "o", "--limit", "1")) == 0
+    finally:
+        os.umask(old)
+    names = ["submission.json", "results.json", "report.html", JOURNAL]
+    assert {n: stat.S_IMODE((tmp_path / "o" / n).stat().st_mode) for n in names} == {n: 0o644 for n in names}
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted(names)  # no temporary left behind
