@@ -2,47 +2,14 @@
 JavaScript, no external assets) that a person opens in a browser to see what was solved and how
 the rest went wrong.
 
-The ``results`` dict it reads is what eval.py writes to results.json; :func:`build_results` makes
-it from a :class:`arc.score.ScoreReport` plus the voting info of :func:`arc.vote.two_attempts`::
-
-    {
-      "score": float,               # official ARC Prize score (pass@2), mean over scored tasks
-      "pass_at_1": float,           # the same with attempt_1 only
-      "tasks_solved": int,          # scored tasks with every test input solved
-      "tasks_scored": int,
-      "test_inputs_solved": int,
-      "test_inputs": int,           # over scored tasks
-      "unscored": [task_id, ...],   # tasks with an unknown test output
-      "warnings": [str, ...],       # what was wrong with the submission
-      "checkpoint": str,
-      "settings": {str: JSON value},
-      ...                           # anything else the caller adds (timings, device)
-      "tasks": {
-        task_id: {
-          "score": float | None,    # None: unscored
-          "pass_at_1": float | None,
-          "tests": [                # one per test input, in order
-            {
-              "attempt_1": grid | None,          # list of rows; None if the attempt was malformed
-              "attempt_2": grid | None,
-              "attempt_reasons": [str|None, str|None],  # why an attempt is not a grid
-              "correct": [bool, bool] | None,    # per attempt; None without the truth
-              "shape_ok": [bool, bool] | None,   # per attempt: has the truth's shape
-              "votes": [int, ...],               # vote count of each distinct grid, best first
-              "candidates": int | None,          # predictions voted over
-              "malformed": [{"view": str, "reason": str}, ...],  # predictions that were not grids
-              "ballots": [{"votes", "mean_logprob", "shape", "views"}, ...],
-              "placeholder": bool,               # no prediction was a grid: attempts are [[0]]
-            }, ...
-          ]
-        }, ...
-      }
-    }
+It only renders: the ``results`` dict it reads is results.json as :func:`arc.score.build_results`
+makes it (the schema is documented once, in arc/score.py's docstring).
 
 Only ``score``/``tasks`` and, per test, ``attempt_1``/``attempt_2``/``correct`` are needed by
-:func:`write_report`; every other key is optional. Tasks are shown solved first, then partially
-solved, then wrong with the right output shape, then wrong shape, then unscored; by id within
-each group.
+:func:`write_report`; every other key is optional. Tasks the checkpoint was trained on
+(``info.seen_in_training``) are marked in the table and in their section. Tasks are shown solved
+first, then partially solved, then wrong with the right output shape, then wrong shape, then
+unscored; by id within each group.
 """
 from __future__ import annotations
 
@@ -55,7 +22,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from arc.data import Task
-from arc.score import ScoreReport, atomic_write_text, grid_to_list, read_grid
+from arc.files import atomic_write_text
+from arc.score import read_grid
 
 # The standard ARC palette, colour 0..9.
 PALETTE = (
@@ -73,68 +41,7 @@ PALETTE = (
 CATEGORIES = ("solved", "partial", "right shape", "wrong shape", "unscored")
 MAX_DISPLAY_PX = 300  # a grid is drawn at most this wide/high: 30x30 grids get smaller cells
 MAX_LISTED = 200  # warnings / malformed reasons listed before "... and N more"
-
-_RESULT_KEYS = (
-    "score", "pass_at_1", "tasks_solved", "tasks_scored", "test_inputs_solved", "test_inputs",
-    "unscored", "warnings", "checkpoint", "settings", "tasks",
-)
-
-
-# ----------------------------------------------------------------------------------------------
-# results
-
-
-def build_results(
-    score: ScoreReport,
-    votes: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
-    /,
-    *,
-    checkpoint: str = "",
-    settings: Mapping[str, Any] | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """The results dict (schema in the module docstring) from a score report and, per task, the
-    ``info`` of :func:`arc.vote.two_attempts` for each test input (``votes[task_id][i]``).
-    ``extra`` keys (e.g. ``seconds=...``) are added at the top level."""
-    clash = sorted(set(extra) & set(_RESULT_KEYS))
-    if clash:
-        raise ValueError(f"extra results keys {clash} would overwrite the standard ones")
-    votes = votes or {}
-    tasks: dict[str, Any] = {}
-    for task_id, ts in score.tasks.items():
-        infos = votes.get(task_id, [])
-        tests = []
-        for t in ts.tests:
-            info = infos[t.index] if t.index < len(infos) else {}
-            tests.append(
-                {
-                    "attempt_1": None if t.attempts[0] is None else grid_to_list(t.attempts[0]),
-                    "attempt_2": None if t.attempts[1] is None else grid_to_list(t.attempts[1]),
-                    "attempt_reasons": list(t.reasons),
-                    "correct": None if t.correct is None else list(t.correct),
-                    "shape_ok": None if t.shape_ok is None else list(t.shape_ok),
-                    "votes": list(info.get("votes", [])),
-                    "candidates": info.get("candidates"),
-                    "malformed": list(info.get("malformed", [])),
-                    "ballots": list(info.get("ballots", [])),
-                    "placeholder": bool(info.get("placeholder", False)),
-                }
-            )
-        tasks[task_id] = {"score": ts.score, "pass_at_1": ts.pass_at_1, "tests": tests}
-    return {
-        "score": score.score,
-        "pass_at_1": score.pass_at_1,
-        "tasks_solved": score.tasks_solved,
-        "tasks_scored": score.tasks_scored,
-        "test_inputs_solved": score.test_inputs_solved,
-        "test_inputs": score.test_inputs,
-        "unscored": list(score.unscored),
-        "warnings": list(score.warnings),
-        "checkpoint": checkpoint,
-        "settings": dict(settings or {}),
-        **extra,
-        "tasks": tasks,
-    }
+SEEN_MARK = "seen in training"  # the label of a task whose content the checkpoint was trained on
 
 
 def task_category(entry: Mapping[str, Any], task: Task | None = None) -> str:
@@ -257,6 +164,7 @@ figure.unknown{border-style:dashed}
 .ok{color:#1f9d3a;font-weight:600}
 .bad{color:#d8262e;font-weight:600}
 .meta{font-size:13px;color:#444;margin:2px 0}
+.seen{background:#ffe08a;border:1px solid #c90;border-radius:3px;padding:0 4px;font-size:12px}
 details{margin:4px 0;font-size:13px}
 """
 
@@ -273,18 +181,32 @@ def _mark(correct: Any) -> str:
 
 def _header(results: Mapping[str, Any], n_tasks: int) -> list[str]:
     score = results.get("score")
+    run: Mapping[str, Any] = results.get("run") or {}
     out = ["<h1>ARC evaluation report</h1>", '<table class="stats">']
     rows = [
-        ("score (official, pass@2)", "–" if score is None else f"{score:.4f} ({100 * score:.1f}%)"),
+        ("score (official, pass@2)", "not scored (no task with known test outputs)" if score is None
+         else f"{score:.4f} ({100 * score:.1f}%)"),
         ("pass@1", _fmt_score(results.get("pass_at_1"))),
         ("tasks fully solved", f"{results.get('tasks_solved', '–')} / {results.get('tasks_scored', n_tasks)}"),
         ("test inputs solved", f"{results.get('test_inputs_solved', '–')} / {results.get('test_inputs', '–')}"),
         ("tasks in report", str(n_tasks) + (f" ({len(results['unscored'])} unscored)" if results.get("unscored") else "")),
-        ("checkpoint", results.get("checkpoint") or "–"),
+        ("checkpoint", run.get("checkpoint") or "–"),
     ]
+    if run.get("submission"):
+        rows.append(("submission", run["submission"]))
+    if run.get("data") is not None:
+        source = f" ({run['source']})" if run.get("source") else ""
+        rows.append(("tasks from", f"--data {run['data']} --split {run.get('split', '')}{source}"))
+    sample = run.get("sample")
+    if sample:
+        rows.append(("sample", f"{sample.get('n')} tasks drawn at random with seed {sample.get('seed')}"))
+    seen = run.get("seen_in_training") or []
+    if seen:
+        rows.append((SEEN_MARK, f"{len(seen)} evaluated task(s) have the content of a task the checkpoint was "
+                                f"trained on: {', '.join(seen[:20])}{' …' if len(seen) > 20 else ''}"))
     out += [f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows]
     out.append("</table>")
-    settings = results.get("settings") or {}
+    settings = run.get("settings") or {}
     if settings:
         out.append("<h2>Settings</h2><table class=\"settings\">")
         for k, v in settings.items():
@@ -292,18 +214,26 @@ def _header(results: Mapping[str, Any], n_tasks: int) -> list[str]:
         out.append("</table>")
     swatches = "".join(f'<span class="swatch" style="background:{c}">{i}</span>' for i, c in enumerate(PALETTE))
     out.append(f'<p class="meta">palette: {swatches}</p>')
-    warnings = results.get("warnings") or []
-    if warnings:
-        out.append(f"<details><summary>{len(warnings)} submission warnings</summary><ul>")
-        out += [f"<li>{_esc(w)}</li>" for w in warnings[:MAX_LISTED]]
-        if len(warnings) > MAX_LISTED:
-            out.append(f"<li>… and {len(warnings) - MAX_LISTED} more</li>")
-        out.append("</ul></details>")
+    for title, items in (("submission warnings", results.get("warnings") or []),
+                         ("tasks skipped as bad (--skip_bad)",
+                          [f"{b.get('task_id')} ({b.get('file')}): {b.get('reason')}" for b in run.get("skipped") or []]),
+                         ("duplicates dropped (same content)", [f"{d[0]} = {d[1]}" for d in run.get("duplicates") or []]),
+                         ("ids renamed (same id, other content)", [f"{r[1]} -> {r[0]}" for r in run.get("renamed") or []])):
+        if items:
+            out.append(f"<details><summary>{len(items)} {_esc(title)}</summary><ul>")
+            out += [f"<li>{_esc(w)}</li>" for w in items[:MAX_LISTED]]
+            if len(items) > MAX_LISTED:
+                out.append(f"<li>… and {len(items) - MAX_LISTED} more</li>")
+            out.append("</ul></details>")
     return out
 
 
+def _info(entry: Mapping[str, Any]) -> Mapping[str, Any]:
+    return entry.get("info") or {}
+
+
 def _votes_text(test: Mapping[str, Any], top: int = 3) -> str:
-    votes = list(test.get("votes") or [])
+    votes = list(_info(test).get("votes") or [])
     if not votes:
         return "–"
     shown = "·".join(str(v) for v in votes[:top])
@@ -320,6 +250,8 @@ def _summary(order: list[tuple[str, str]], results_tasks: Mapping[str, Any], anc
         entry = results_tasks[task_id]
         name = _esc(task_id)
         link = f'<a href="#{anchors[task_id]}">{name}</a>' if task_id in anchors else name
+        if _info(entry).get("seen_in_training"):
+            link += f' <span class="seen">{SEEN_MARK}</span>'
         tests = " &nbsp;|&nbsp; ".join(
             f"{_mark(t.get('correct'))} {_esc(_votes_text(t))}" for t in entry.get("tests", [])
         )
@@ -350,11 +282,24 @@ def _malformed_html(malformed: Sequence[Any]) -> str:
     return f"<details><summary>{len(malformed)} malformed predictions</summary><ul>{''.join(items)}</ul></details>"
 
 
+def _adapt_text(adapt: Mapping[str, Any]) -> str:
+    """Test-time training's record of a task, in words."""
+    steps = adapt.get("steps", 0)
+    if not steps:
+        return f"no test-time training ({adapt.get('reason') or 'no steps'})"
+    first, last = adapt.get("first_loss"), adapt.get("last_loss")
+    losses = f", loss {first:.3f} → {last:.3f}" if isinstance(first, (int, float)) and isinstance(last, (int, float)) else ""
+    return f"test-time training: {steps} steps{losses}, {adapt.get('seconds', 0):.1f} s"
+
+
 def _task_section(task_id: str, anchor: str, category: str, entry: Mapping[str, Any], task: Task | None, cell: int) -> list[str]:
     out = [
         f'<section class="task" id="{anchor}" data-task="{_esc(task_id)}" data-category="{_esc(category)}">',
         f"<h3>{_esc(task_id)} — {_esc(category)}, score {_fmt_score(entry.get('score'))}</h3>",
     ]
+    if _info(entry).get("seen_in_training"):
+        out.append(f'<p class="meta"><span class="seen">{SEEN_MARK}</span> the checkpoint was trained on a task '
+                   "with this content: its score says little about generalisation</p>")
     if task is None:
         out.append('<p class="meta">task not given to the report: no demonstrations, inputs or truth</p>')
     else:
@@ -371,7 +316,8 @@ def _task_section(task_id: str, anchor: str, category: str, entry: Mapping[str, 
         test = tests[i] if i < len(tests) else {}
         pair = task.test[i] if task is not None and i < len(task.test) else None
         correct = test.get("correct")
-        reasons = list(test.get("attempt_reasons") or [None, None])
+        reasons = list(test.get("reasons") or [None, None])
+        info = _info(test)
         out.append(f'<p class="meta"><b>test {i + 1}</b> {_mark(correct)}</p><div class="row">')
         out.append(_figure("test input", None if pair is None else pair.input, cell, note="input unknown"))
         for k in (0, 1):
@@ -386,15 +332,18 @@ def _task_section(task_id: str, anchor: str, category: str, entry: Mapping[str, 
         truth = None if pair is None else pair.output
         out.append(_figure("truth", truth, cell, note="unknown"))
         out.append("</div>")
-        meta = [f"votes: {_esc(' · '.join(str(v) for v in test.get('votes') or []) or '–')}"]
-        if test.get("candidates") is not None:
-            n = int(test["candidates"])
+        meta = [f"votes: {_esc(' · '.join(str(v) for v in info.get('votes') or []) or '–')}"]
+        if info.get("candidates") is not None:
+            n = int(info["candidates"])
             meta.append(f"{n} candidate{'' if n == 1 else 's'}")
-        if test.get("placeholder"):
+        if info.get("placeholder"):
             meta.append("no candidate was a grid: both attempts are the [[0]] placeholder")
+        adapt = info.get("adapt")
+        if isinstance(adapt, Mapping):
+            meta.append(_esc(_adapt_text(adapt)))
         out.append(f'<p class="meta">{"; ".join(meta)}</p>')
-        if test.get("malformed"):
-            out.append(_malformed_html(test["malformed"]))
+        if info.get("malformed"):
+            out.append(_malformed_html(info["malformed"]))
     out.append("</section>")
     return out
 
@@ -423,11 +372,12 @@ def write_report(
     order = sorted(categories.items(), key=lambda kv: (CATEGORIES.index(kv[1]), kv[0]))
     shown = order if limit is None else order[:limit]
     anchors = {tid: f"t{n}" for n, (tid, _) in enumerate(shown)}
+    checkpoint = (results.get("run") or {}).get("checkpoint")
 
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{_esc(title)}{(' – ' + _esc(results['checkpoint'])) if results.get('checkpoint') else ''}</title>",
+        f"<title>{_esc(title)}{(' – ' + _esc(checkpoint)) if checkpoint else ''}</title>",
         f"<style>{_CSS}</style></head><body>",
     ]
     parts += _header(results, len(order))

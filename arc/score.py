@@ -1,4 +1,5 @@
-"""The official ARC Prize score of a submission, whoever made it.
+"""The official ARC Prize score of a submission, whoever made it, and results.json: the one
+record of an evaluation (:func:`build_results`), which eval.py writes and arc/report.py renders.
 
 A submission is the Kaggle format::
 
@@ -7,13 +8,62 @@ A submission is the Kaggle format::
 where a grid is a list of rows of ints 0..9 (1..30 rows and columns). A test input is solved if
 either attempt equals its true output exactly (shape and every cell); a task scores the fraction of
 its test inputs solved; the score is the mean over tasks. Only tasks whose test outputs are all known
-are scored; the others are listed as unscored.
+are scored; the others are listed as unscored. When no task is scored the score is None ("not
+scored"), never 0.0.
 
 This module never crashes on a bad submission: anything that is not a well-formed grid where one is
 expected (missing task, missing entry, missing attempt, ragged rows, floats, colours outside 0..9,
 empty grids, unknown task ids, a top level that is not a dict) counts as wrong and is described in
 ``ScoreReport.warnings`` (and logged). The tasks themselves are trusted: they come from
 :mod:`arc.data`, which validates them.
+
+results.json (schema 2), built only by :func:`build_results` from a :class:`ScoreReport` plus what
+the caller knows about how the submission was made; strict JSON (no NaN: non-finite numbers are null)::
+
+    {
+      "schema": 2,
+      "score": float | null,        # official score (pass@2), mean over scored tasks; null: nothing scored
+      "pass_at_1": float | null,    # the same with attempt_1 only
+      "tasks_solved": int,          # scored tasks with every test input solved
+      "tasks_scored": int,
+      "test_inputs_solved": int,
+      "test_inputs": int,           # over scored tasks
+      "unscored": [task_id, ...],   # tasks with some test output unknown
+      "warnings": [str, ...],       # everything that was wrong with the submission
+      "run": {...},                 # how the submission was made, as the caller records it; eval.py:
+                                    #   checkpoint, checkpoint_step, model_config | submission,
+                                    #   data, split, source, device, machine, settings {eval, solve,
+                                    #   ttt}, sample {n, seed, ids} | null, skipped [{task_id, file,
+                                    #   reason}], duplicates [[dropped, kept]], renamed [[new, original]],
+                                    #   seen_in_training [task_id],
+                                    #   seconds, generated_tokens, resumed_tasks
+      "tasks": {                    # every task given, in the order given
+        task_id: {
+          "score": float | null,    # null: unscored
+          "pass_at_1": float | null,
+          "solved": bool | null,
+          "info": {...},            # the caller's per-task record; eval.py: seconds, generated_tokens,
+                                    #   seen_in_training (bool)
+          "tests": [                # one per test input, in order
+            {
+              "index": int,
+              "attempt_1": grid | null,          # as submitted; null when it is not a grid
+              "attempt_2": grid | null,
+              "reasons": [str | null, str | null],  # why an attempt is not a grid
+              "correct": [bool, bool] | null,    # per attempt; null without the truth
+              "solved": bool | null,
+              "right_attempt": 1 | 2 | null,
+              "shape_ok": [bool, bool] | null,   # per attempt: has the truth's shape
+              "info": {...}                      # the solver's record of this test input, whole:
+                                                 #   eval.py: arc.vote.two_attempts' candidates,
+                                                 #   malformed, votes, ballots, repeated, placeholder,
+                                                 #   and "adapt" (test-time training: steps,
+                                                 #   first_loss, last_loss, seconds) when it ran
+            }, ...
+          ]
+        }, ...
+      }
+    }
 """
 from __future__ import annotations
 
@@ -23,12 +73,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from arc.data import Task
-from arc.files import atomic_write_text  # the one atomic-write helper (report.py and evaluate.py import it from here)
+from arc.files import atomic_write_text
 from arc.grid import GridError, parse_grid, same_grid
 
 log = logging.getLogger(__name__)
@@ -96,11 +146,11 @@ def _read_entry(where: str, entry: Any, warnings: list[str]) -> _Entry:
     return _Entry((grids[0], grids[1]), (reasons[0], reasons[1]))
 
 
-def _read_submission(obj: Any, expected: Mapping[str, int] | None) -> tuple[dict[str, list[_Entry]], list[str]]:
+def _read_submission(obj: Any, expected: Mapping[str, int]) -> tuple[dict[str, list[_Entry]], list[str]]:
     """Parse every entry of a submission, collecting a warning for everything that is off.
 
-    ``expected`` maps task ids to their number of test inputs; with it, missing and unknown task
-    ids and wrong entry counts are reported too. Returns only the tasks it could read.
+    ``expected`` maps task ids to their number of test inputs: missing and unknown task ids and
+    wrong entry counts are reported too. Returns only the tasks it could read.
     """
     warnings: list[str] = []
     if not isinstance(obj, Mapping):
@@ -111,34 +161,23 @@ def _read_submission(obj: Any, expected: Mapping[str, int] | None) -> tuple[dict
         if not isinstance(task_id, str):
             warnings.append(f"task id {task_id!r} is a {type(task_id).__name__}, not a string; ignored")
             continue
-        if expected is not None and task_id not in expected:
+        if task_id not in expected:
             warnings.append(f"task {task_id!r}: not among the tasks scored; ignored")
             continue
         if not isinstance(entries, (list, tuple)):
             warnings.append(f"task {task_id!r}: entries are a {type(entries).__name__}, not a list")
             parsed[task_id] = []
             continue
-        if expected is not None and len(entries) != expected[task_id]:
+        if len(entries) != expected[task_id]:
             n = expected[task_id]
             what = "the extra ignored" if len(entries) > n else "the missing count as wrong"
             warnings.append(f"task {task_id!r}: {len(entries)} entries for {n} test inputs; {what}")
-        keep = entries if expected is None else entries[: expected[task_id]]
+        keep = entries[: expected[task_id]]
         parsed[task_id] = [_read_entry(f"task {task_id!r} test {i}", e, warnings) for i, e in enumerate(keep)]
-    if expected is not None:
-        for task_id in expected:
-            if task_id not in obj:
-                warnings.append(f"task {task_id!r}: missing from the submission (counts as wrong)")
+    for task_id in expected:
+        if task_id not in obj:
+            warnings.append(f"task {task_id!r}: missing from the submission (counts as wrong)")
     return parsed, warnings
-
-
-def validate_submission(obj: Any, tasks: Iterable[Task] | None = None) -> list[str]:
-    """Everything wrong with a submission, as readable warnings ([] when it is well formed).
-
-    Without ``tasks`` only the format is checked; with them, also missing and unknown task ids and
-    the number of entries per task.
-    """
-    expected = None if tasks is None else {t.id: len(t.test) for t in tasks}
-    return _read_submission(obj, expected)[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,13 +209,16 @@ class TestScore:
         return None
 
     def to_dict(self) -> dict[str, Any]:
+        """This test input's part of results.json (see the module docstring), without ``info``."""
         return {
             "index": self.index,
-            "solved": self.solved if self.correct is not None else None,
+            "attempt_1": None if self.attempts[0] is None else grid_to_list(self.attempts[0]),
+            "attempt_2": None if self.attempts[1] is None else grid_to_list(self.attempts[1]),
+            "reasons": list(self.reasons),
             "correct": None if self.correct is None else list(self.correct),
+            "solved": self.solved if self.correct is not None else None,
             "right_attempt": self.right_attempt,
             "shape_ok": None if self.shape_ok is None else list(self.shape_ok),
-            "reasons": list(self.reasons),
         }
 
 
@@ -198,8 +240,8 @@ class TaskScore:
         return self.score == 1.0
 
     def to_dict(self) -> dict[str, Any]:
+        """This task's part of results.json (see the module docstring), without ``info``."""
         return {
-            "task_id": self.task_id,
             "score": self.score,
             "pass_at_1": self.pass_at_1,
             "solved": self.solved if self.scored else None,
@@ -211,8 +253,8 @@ class TaskScore:
 class ScoreReport:
     """The official score (``score``, i.e. pass@2) and everything behind it."""
 
-    score: float  # mean over scored tasks of the fraction of test inputs solved by either attempt
-    pass_at_1: float  # the same with attempt_1 only
+    score: float | None  # mean over scored tasks of the fraction of test inputs solved; None: none scored
+    pass_at_1: float | None  # the same with attempt_1 only
     tasks_solved: int  # scored tasks with every test input solved
     tasks_scored: int
     test_inputs_solved: int
@@ -223,31 +265,24 @@ class ScoreReport:
 
     def summary(self) -> str:
         """One line for a log."""
-        return (
-            f"score {self.score:.4f} (pass@2), pass@1 {self.pass_at_1:.4f}, "
-            f"{self.tasks_solved}/{self.tasks_scored} tasks solved, "
-            f"{self.test_inputs_solved}/{self.test_inputs} test inputs solved"
-            + (f", {len(self.unscored)} unscored" if self.unscored else "")
-            + (f", {len(self.warnings)} warnings" if self.warnings else "")
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly (no numpy, no NaN); attempts are not included (see arc.report.build_results)."""
-        return {
-            "score": self.score,
-            "pass_at_1": self.pass_at_1,
-            "tasks_solved": self.tasks_solved,
-            "tasks_scored": self.tasks_scored,
-            "test_inputs_solved": self.test_inputs_solved,
-            "test_inputs": self.test_inputs,
-            "unscored": list(self.unscored),
-            "warnings": list(self.warnings),
-            "tasks": {tid: t.to_dict() for tid, t in self.tasks.items()},
-        }
+        return summary_line(self.score, self.pass_at_1, self.tasks_solved, self.tasks_scored, self.test_inputs_solved,
+                            self.test_inputs, unscored=len(self.unscored), warnings=len(self.warnings))
 
 
-def _mean(values: list[float]) -> float:
-    return math.fsum(values) / len(values) if values else 0.0
+def summary_line(score: float | None, pass_at_1: float | None, tasks_solved: int, tasks_scored: int,
+                 test_inputs_solved: int, test_inputs: int, *, unscored: int = 0, warnings: int = 0) -> str:
+    """The one-line summary of a score (also of a results.json, by its keys); "not scored" when
+    no task had known test outputs."""
+    if score is None:
+        head = "not scored (no task with known test outputs)"
+    else:
+        head = (f"score {score:.4f} (pass@2, official), pass@1 {pass_at_1:.4f}, {tasks_solved}/{tasks_scored} tasks "
+                f"solved, {test_inputs_solved}/{test_inputs} test inputs solved")
+    return head + (f", {unscored} unscored" if unscored else "") + (f", {warnings} warnings" if warnings else "")
+
+
+def _mean(values: list[float]) -> float | None:
+    return math.fsum(values) / len(values) if values else None
 
 
 def score_submission(submission: Any, tasks: Iterable[Task]) -> ScoreReport:
@@ -282,6 +317,7 @@ def score_submission(submission: Any, tasks: Iterable[Task]) -> ScoreReport:
         if known:
             score = _mean([float(t.solved) for t in tests])
             pass1 = _mean([float(t.correct[0]) for t in tests])  # type: ignore[index]
+            assert score is not None and pass1 is not None  # a known task has test inputs
         else:
             score = pass1 = None
             unscored.append(task.id)
@@ -307,6 +343,74 @@ def score_submission(submission: Any, tasks: Iterable[Task]) -> ScoreReport:
 
 
 # ----------------------------------------------------------------------------------------------
+# results.json
+
+
+RESULTS_SCHEMA = 2  # 1: eval.py before results.json had "run" and per-test "info"
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as strict JSON values: numpy arrays, ints and floats become lists and Python
+    numbers, tuples lists, and non-finite floats None (results.json is strict JSON)."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    raise TypeError(f"{type(obj).__name__} has no place in results.json")
+
+
+def build_results(
+    report: ScoreReport,
+    *,
+    task_info: Mapping[str, Mapping[str, Any]] | None = None,
+    test_info: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    run: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """results.json (schema in the module docstring): the score report, with each task's
+    ``task_info[task_id]`` and each test input's ``test_info[task_id][i]`` kept whole under
+    ``"info"`` (whatever the solver recorded reaches results.json), and ``run`` as it is given."""
+    task_info, test_info = task_info or {}, test_info or {}
+    tasks: dict[str, Any] = {}
+    for task_id, ts in report.tasks.items():
+        entry = ts.to_dict()
+        infos = test_info.get(task_id, ())
+        for test, d in zip(ts.tests, entry["tests"]):
+            d["info"] = jsonable(infos[test.index]) if test.index < len(infos) else {}
+        tasks[task_id] = {**{k: v for k, v in entry.items() if k != "tests"},
+                          "info": jsonable(task_info.get(task_id, {})), "tests": entry["tests"]}
+    return {
+        "schema": RESULTS_SCHEMA,
+        "score": report.score,
+        "pass_at_1": report.pass_at_1,
+        "tasks_solved": report.tasks_solved,
+        "tasks_scored": report.tasks_scored,
+        "test_inputs_solved": report.test_inputs_solved,
+        "test_inputs": report.test_inputs,
+        "unscored": list(report.unscored),
+        "warnings": list(report.warnings),
+        "run": jsonable(run or {}),
+        "tasks": tasks,
+    }
+
+
+def results_summary(results: Mapping[str, Any]) -> str:
+    """The one-line summary of a results.json."""
+    return summary_line(results["score"], results["pass_at_1"], results["tasks_solved"], results["tasks_scored"],
+                        results["test_inputs_solved"], results["test_inputs"], unscored=len(results["unscored"]),
+                        warnings=len(results["warnings"]))
+
+
+# ----------------------------------------------------------------------------------------------
 # files
 
 
@@ -325,10 +429,23 @@ def write_submission(path: str | os.PathLike, submission: Mapping[str, Any]) -> 
     atomic_write_text(path, json.dumps(submission, default=_json_default))
 
 
+def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> None:
+    """Write results.json atomically, as strict JSON (a NaN anywhere is a bug, and raises)."""
+    atomic_write_text(path, json.dumps(results, indent=1, allow_nan=False) + "\n")
+
+
 def load_submission(path: str | os.PathLike) -> dict:
-    """Read a submission file. Raises ValueError naming the file if it is not JSON or not a dict
-    at the top level; what is inside is checked by :func:`score_submission`."""
-    text = Path(path).read_text(encoding="utf-8")
+    """Read a submission file. Raises ValueError naming the file if it is not UTF-8 JSON text or
+    not a dict at the top level (FileNotFoundError if it is missing); what is inside is checked by
+    :func:`score_submission`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a submission file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a JSON text file (byte {e.start} is not UTF-8: {raw[e.start:e.start + 1]!r})") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from arc import augment, vote
+from arc.config import help_field
 from arc.data import Task
 from arc.tokens import (EOO, MAX_GRID_TOKENS, MIN_ANSWER_TOKENS, NO_GRID_POS, PAD, DoesNotFit, Encoded, LayoutTracker,
                         decode_grid, encode_prompt, grid_tokens)
@@ -31,17 +32,22 @@ from arc.tokens import (EOO, MAX_GRID_TOKENS, MIN_ANSWER_TOKENS, NO_GRID_POS, PA
 
 @dataclass(frozen=True)
 class SolveConfig:
-    views: int = 8  # views per test input (1: the original only; 8: all rotations/reflections)
-    colour_views: bool = True  # views beyond 8 add colour permutations
-    batch: int = 16  # prompts decoded together
-    temperature: float = 0.0  # 0: greedy; > 0: sample
-    samples: int = 1  # decodes per view (sampling only)
-    seed: int = 0
+    views: int = help_field(8, "views voted over per test input: 1 = the original only, 8 = all rotations/reflections, "
+                               "more add colour permutations")
+    colour_views: bool = help_field(True, "views beyond 8 add colour permutations")
+    batch: int = help_field(16, "prompts decoded together")
+    temperature: float = help_field(0.0, "0 = greedy; > 0 samples")
+    samples: int = help_field(1, "decodes per view when sampling (best-of-n by vote)")
+    seed: int = help_field(0, "seed of the colour-permutation views and of sampling")
 
     def __post_init__(self) -> None:
         if self.views < 1:
             raise ValueError(f"--views must be >= 1, got {self.views}")
-        if self.samples < 1 or (self.samples > 1 and self.temperature <= 0):
+        if self.samples < 1:
+            raise ValueError(f"--samples must be >= 1 (decodes per view), got {self.samples}")
+        if not self.temperature >= 0:  # also refuses NaN
+            raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.samples > 1 and self.temperature == 0:
             raise ValueError("--samples > 1 needs --temperature > 0 (greedy decoding repeats itself)")
         if self.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {self.batch}")

@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-from arc import data, synthetic
+from arc import data
 from arc.data import SPLITS, BadTask, SourceError, Task, TaskError
 from arc.tokens import BLOCK_SIZE
 
@@ -121,6 +121,9 @@ def _read(item: str, split: str, seed: int, skip_bad: bool, bad: list[BadTask]) 
     if n is not None:
         if split not in SPLITS:
             raise ValueError(f"--split must be one of {SPLITS}, got {split!r}")
+        # imported here, not at the top: evaluating real tasks does not load the generators (tests/test_imports.py)
+        from arc import synthetic
+
         return synthetic.make_tasks(n, seed=synthetic_seed(seed, split))
     return data.load_tasks(item, split, skip_bad=skip_bad, report=bad)
 

@@ -22,6 +22,7 @@ import torch
 
 from common import emit, header
 from arc.data import load_tasks
+from arc.evaluate import load_model
 from arc.model import HybridLM, preset
 from arc.solve import SolveConfig, decode, decode_uncached, solve_tasks
 from arc.tokens import MAX_GRID_TOKENS, Encoded, encode_prompt
@@ -66,8 +67,6 @@ def cmd_cache(args) -> str:
 
 
 def cmd_solve(args) -> str:
-    from arc.evaluate import load_model
-
     device = torch.device(args.device)
     model, ckpt = load_model(args.ckpt, device)
     tasks = load_tasks("arc1", "eval")[: args.limit]

@@ -73,7 +73,7 @@ def main() -> None:
     solve_cfg = SolveConfig(views=args.views)
     rows = []
     for steps in [int(b) for b in args.budgets.split(",")]:
-        tuner = TaskFineTuner(model, TTTConfig(steps=steps, lr=args.ttt_lr, batch_size=args.ttt_batch)) if steps else None
+        tuner = TaskFineTuner(model, TTTConfig(ttt_steps=steps, ttt_lr=args.ttt_lr, ttt_batch=args.ttt_batch)) if steps else None
         loss, right, count, seconds, fit_seconds, shaped = 0.0, 0, 0, 0.0, 0.0, 0
         predictions = []
         for task in tasks:

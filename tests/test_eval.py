@@ -1,27 +1,34 @@
-"""eval.py end to end: train a smoke model, evaluate it, score submissions; cached decoding parity."""
+"""eval.py end to end: train a smoke model, evaluate it, rescore what it wrote; the output folder
+checked first; resume after an interruption; flags from the config dataclasses; bad flags; tasks
+seen in training; --sample; --skip_bad; cached decoding parity."""
+import dataclasses
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import eval as eval_cli
-from arc import checkpoint
-from arc.data import load_tasks
-from arc.evaluate import IncompatibleCheckpoint, load_model
+from arc import checkpoint, evaluate
+from arc.data import load_tasks, task_fingerprint
+from arc.evaluate import JOURNAL, EvalConfig, IncompatibleCheckpoint, load_model, sample_ids, select_tasks
 from arc.model import HybridLM, preset
-from arc.solve import decode, decode_uncached
-from arc.tokens import encode_prompt
+from arc.solve import SolveConfig, decode, decode_uncached
+from arc.tokens import EOO, ROW, encode_prompt
+from arc.ttt import TTTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 
 
 def tiny():
     """The tiny test model, long enough for any ARC instance."""
     return preset("tiny", max_seq_len=4096)
-
-ROOT = Path(__file__).resolve().parents[1]
-CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -33,23 +40,41 @@ def smoke_run(tmp_path_factory) -> Path:
     return out
 
 
-def test_smoke_checkpoint_then_eval_writes_all_three_outputs(smoke_run, tmp_path):
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_smoke_checkpoint_then_eval_writes_all_three_outputs_and_its_score_is_the_submissions(smoke_run, tmp_path):
     out = tmp_path / "eval"
-    rc = eval_cli.main(["--ckpt", str(smoke_run), "--data", "arc1", "--split", "eval", "--limit", "3",
-                        "--views", "2", "--out", str(out), "--no_progress"])
+    rc = eval_cli.main(["--ckpt", str(smoke_run), "--data", "arc1", "--split", "eval", "--limit", "2",
+                        "--views", "2", "--out", str(out), "--progress", "false"])
     assert rc == 0
-    sub = json.loads((out / "submission.json").read_text())
-    tasks = load_tasks("arc1", "eval")[:3]
+    sub = read(out / "submission.json")
+    tasks = load_tasks("arc1", "eval")[:2]
     assert list(sub) == [t.id for t in tasks]
     for t in tasks:
         assert len(sub[t.id]) == len(t.test)
         assert all(set(e) == {"attempt_1", "attempt_2"} for e in sub[t.id])
-    results = json.loads((out / "results.json").read_text())
-    assert results["tasks_scored"] == 3 and 0.0 <= results["score"] <= 1.0
-    assert results["settings"]["views"] == 2 and results["model_config"]["d_model"] == tiny().d_model
-    assert set(results["seconds_per_task"]) == {t.id for t in tasks}
+    results = read(out / "results.json")
+    assert results["tasks_scored"] == 2 and results["test_inputs"] == sum(len(t.test) for t in tasks)
+    run = results["run"]
+    assert run["settings"]["solve"]["views"] == 2 and run["model_config"]["d_model"] == tiny().d_model
+    assert run["checkpoint"] == str(smoke_run / checkpoint.LATEST) and run["sample"] is None
+    for t in tasks:
+        entry = results["tasks"][t.id]
+        assert entry["info"]["seconds"] > 0 and entry["info"]["seen_in_training"] is False
+        for test, attempts in zip(entry["tests"], sub[t.id]):
+            assert (test["attempt_1"], test["attempt_2"]) == (attempts["attempt_1"], attempts["attempt_2"])
+            assert test["info"]["candidates"] == 2 and sum(test["info"]["votes"]) + len(test["info"]["malformed"]) == 2
     html = (out / "report.html").read_text()
     assert all(t.id in html for t in tasks)
+    # rescoring the submission it wrote gives the same score, task by task
+    assert eval_cli.main(["--submission", str(out / "submission.json"), "--limit", "2", "--out", str(tmp_path / "re")]) == 0
+    again = read(tmp_path / "re" / "results.json")
+    for key in ("score", "pass_at_1", "tasks_solved", "tasks_scored", "test_inputs_solved", "test_inputs"):
+        assert again[key] == results[key], key
+    assert {k: v["score"] for k, v in again["tasks"].items()} == {k: v["score"] for k, v in results["tasks"].items()}
+    assert again["warnings"] == [] and again["run"]["submission"] == str(out / "submission.json")
 
 
 def test_scoring_a_submission_of_the_true_outputs_gives_one_and_an_empty_one_zero(tmp_path):
@@ -59,10 +84,10 @@ def test_scoring_a_submission_of_the_true_outputs_gives_one_and_an_empty_one_zer
     (tmp_path / "empty.json").write_text("{}")
     assert eval_cli.main(["--submission", str(tmp_path / "truth.json"), "--out", str(tmp_path / "a")]) == 0
     assert eval_cli.main(["--submission", str(tmp_path / "empty.json"), "--out", str(tmp_path / "b")]) == 0
-    a = json.loads((tmp_path / "a" / "results.json").read_text())
-    b = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert a["score"] == 1.0 and a["tasks_solved"] == 400 and a["test_inputs"] == 419
-    assert b["score"] == 0.0 and b["warnings"]
+    a = read(tmp_path / "a" / "results.json")
+    b = read(tmp_path / "b" / "results.json")
+    assert (a["score"], a["pass_at_1"], a["tasks_solved"], a["test_inputs"]) == (1.0, 1.0, 400, 419)
+    assert (b["score"], b["tasks_solved"], len(b["warnings"])) == (0.0, 0, 400)
 
 
 def test_checkpoint_of_another_vocabulary_fails_clearly(tmp_path):
@@ -90,3 +115,296 @@ def test_cached_decoding_matches_recomputing_the_whole_sequence():
     for (ids_f, lp_f), (ids_s, lp_s) in zip(fast, slow):
         assert ids_f == ids_s
         assert lp_f == pytest.approx(lp_s, abs=1e-4)
+
+
+# ---- a fast real model on small tasks ---------------------------------------------------------
+
+
+def short_answer_model(seed: int = 0) -> HybridLM:
+    """A tiny HybridLM with random layers whose output head strongly prefers EOO, then ROW, over
+    the colours: constrained decoding then answers every test with a 1x1 grid in three tokens,
+    which colour depending on the prompt. A real model through the real solver, but fast."""
+    torch.manual_seed(seed)
+    model = HybridLM(preset("tiny", max_seq_len=4096, tie_embeddings=False))
+    with torch.no_grad():
+        d = model.cfg.d_model
+        model.embedding.weight.copy_(1.0 + 0.3 * torch.randn_like(model.embedding.weight))  # rows near all-ones
+        model.lm_head.weight.normal_(0.0, 0.3)
+        model.lm_head.weight[EOO] = 30.0 / d
+        model.lm_head.weight[ROW] = 20.0 / d
+    return model
+
+
+def save_model(model: HybridLM, path: Path, **extra) -> Path:
+    checkpoint.save_atomic({"model": model.state_dict(), "model_config": model.cfg.to_dict(), "step": 7, **extra}, path)
+    return path
+
+
+def write_tasks(folder: Path, n: int = 5, seed: int = 0) -> list[str]:
+    """n small tasks (3x3 grids, the rule: flip left-right) as <id>.json files in ``folder``."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for k in range(n):
+        pairs = []
+        for _ in range(4):
+            g = rng.integers(0, 10, size=(3, 3))
+            pairs.append({"input": g.tolist(), "output": np.fliplr(g).tolist()})
+        task_id = f"task{k:02d}"
+        (folder / f"{task_id}.json").write_text(json.dumps({"train": pairs[:3], "test": pairs[3:]}))
+        ids.append(task_id)
+    return ids
+
+
+@pytest.fixture
+def small(tmp_path) -> tuple[Path, Path]:
+    """(checkpoint file, task folder of 5 small tasks)"""
+    write_tasks(tmp_path / "tasks")
+    return save_model(short_answer_model(), tmp_path / "m.pt"), tmp_path / "tasks"
+
+
+def eval_args(ckpt: Path, tasks: Path, out: Path, *more: str) -> list[str]:
+    return ["--ckpt", str(ckpt), "--data", str(tasks), "--views", "2", "--out", str(out), "--progress", "false", *more]
+
+
+def test_the_short_answer_model_answers_in_one_cell(small, tmp_path):
+    ckpt, tasks = small
+    assert eval_cli.main(eval_args(ckpt, tasks, tmp_path / "o")) == 0
+    sub = read(tmp_path / "o" / "submission.json")
+    assert len(sub) == 5
+    assert all(np.shape(e["attempt_1"]) == (1, 1) for entries in sub.values() for e in entries)
+
+
+def without_timings(results: dict) -> dict:
+    """results.json less what differs between two runs of the same evaluation (wall clock)."""
+    r = json.loads(json.dumps(results))
+    r["run"].pop("seconds")
+    r["run"].pop("resumed_tasks")
+    r["run"]["settings"]["eval"].pop("out")
+    for t in r["tasks"].values():
+        t["info"].pop("seconds")
+        for test in t["tests"]:
+            (test["info"].get("adapt") or {}).pop("seconds", None)
+    return r
+
+
+def test_an_interrupted_evaluation_keeps_its_tasks_and_the_same_command_continues_it(small, tmp_path, monkeypatch):
+    ckpt, tasks = small
+    more = ("--ttt_steps", "1", "--ttt_batch", "2")
+    assert eval_cli.main(eval_args(ckpt, tasks, tmp_path / "whole", *more)) == 0
+
+    real = evaluate.solve_tasks
+    solved: list[str] = []
+
+    def interrupted(model, batch, *args, **kwargs):
+        if len(solved) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the fourth task
+        solved.append(batch[0].id)
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "solve_tasks", interrupted)
+    out = tmp_path / "broken"
+    assert eval_cli.main(eval_args(ckpt, tasks, out, *more)) == 130
+    journal = (out / JOURNAL).read_text().splitlines()
+    assert [json.loads(line)["task_id"] for line in journal[1:]] == ["task00", "task01", "task02"]
+    assert not (out / "results.json").exists()
+    with open(out / JOURNAL, "a") as f:
+        f.write('{"task_id": "task03", "entr')  # and a kill in the middle of a line
+
+    solved.clear()
+    monkeypatch.setattr(evaluate, "solve_tasks", lambda model, batch, *a, **k: solved.append(batch[0].id) or real(model, batch, *a, **k))
+    assert eval_cli.main(eval_args(ckpt, tasks, out, *more)) == 0
+    assert solved == ["task03", "task04"]  # the finished tasks were not solved again
+    assert (out / "submission.json").read_bytes() == (tmp_path / "whole" / "submission.json").read_bytes()
+    resumed, whole = read(out / "results.json"), read(tmp_path / "whole" / "results.json")
+    assert resumed["run"]["resumed_tasks"] == 3 and whole["run"]["resumed_tasks"] == 0
+    assert without_timings(resumed) == without_timings(whole)
+    assert resumed["tasks"]["task04"]["tests"][0]["info"]["adapt"]["steps"] == 1  # test-time training's record
+
+    solved.clear()  # a finished evaluation run again is rebuilt from its journal, solving nothing
+    assert eval_cli.main(eval_args(ckpt, tasks, out, *more)) == 0
+    assert solved == [] and read(out / "results.json")["run"]["resumed_tasks"] == 5
+
+
+def test_other_settings_in_the_same_out_are_refused_unless_overwrite(small, tmp_path, capsys):
+    ckpt, tasks = small
+    out = tmp_path / "o"
+    assert eval_cli.main(eval_args(ckpt, tasks, out, "--limit", "1")) == 0
+    capsys.readouterr()
+    assert eval_cli.main(eval_args(ckpt, tasks, out, "--limit", "1", "--views", "1")) == 2
+    err = capsys.readouterr().err
+    assert "holds the progress of another evaluation (solve.views: 1 here, 2 in the journal)" in err
+    assert "--overwrite true" in err
+    other = save_model(short_answer_model(seed=1), tmp_path / "other.pt")
+    assert eval_cli.main(eval_args(other, tasks, out, "--limit", "1")) == 2
+    assert "checkpoint_sha256" in capsys.readouterr().err
+    assert eval_cli.main(eval_args(ckpt, tasks, out, "--limit", "1", "--views", "1", "--overwrite", "true")) == 0
+    assert read(out / "results.json")["run"]["settings"]["solve"]["views"] == 1
+
+
+def test_an_unusable_out_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("the model was loaded before --out was checked"))
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("keep me")
+    for out, message in ((a_file, "exists and is not a directory"), (a_file / "sub", "cannot write there")):
+        assert eval_cli.main(["--ckpt", str(tmp_path / "m.pt"), "--out", str(out)]) == 2
+        assert f"eval.py: error: --out {out}: {message}" in capsys.readouterr().err
+        assert eval_cli.main(["--submission", str(tmp_path / "s.json"), "--out", str(out)]) == 2
+        assert f"--out {out}: {message}" in capsys.readouterr().err
+    assert a_file.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--limit", "-1"], "--limit must be >= 0, got -1"),
+    (["--sample", "0"], "--sample must be >= 1, got 0"),
+    (["--report_limit", "-2"], "--report_limit must be >= 0, got -2"),
+    (["--samples", "0"], "--samples must be >= 1 (decodes per view), got 0"),
+    (["--samples", "3"], "--samples > 1 needs --temperature > 0"),
+    (["--temperature", "-1"], "--temperature must be >= 0 (0 = greedy), got -1.0"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--views", "0"], "--views must be >= 1, got 0"),
+    (["--ttt_steps", "-3"], "--ttt_steps must be >= 0"),
+    (["--tasks", ","], "--tasks: no task ids"),
+    ([], "--out is required"),
+])
+def test_bad_flags_are_refused_with_the_flag_named(flags, message, tmp_path, capsys):
+    out = [] if not flags else ["--out", str(tmp_path / "o")]
+    assert eval_cli.main(["--ckpt", "missing.pt", *out, *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_exactly_one_of_ckpt_or_submission(tmp_path, capsys):
+    assert eval_cli.main(["--out", str(tmp_path)]) == 2
+    assert eval_cli.main(["--ckpt", "a", "--submission", "b", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("give exactly one of --ckpt or --submission") == 2
+
+
+def test_flags_come_from_the_config_dataclasses():
+    cfgs = eval_cli.parse_args(["--ckpt", "c", "--out", "o"])
+    assert cfgs == (EvalConfig(ckpt="c", out="o"), SolveConfig(), TTTConfig())
+    cfgs = eval_cli.parse_args(["--ckpt", "c", "--out", "o", "--seed", "5", "--views", "3", "--ttt_steps", "4",
+                                "--colour_views", "false", "--skip_bad", "true", "--split", "train"])
+    assert cfgs == (EvalConfig(ckpt="c", out="o", seed=5, skip_bad=True, split="train"),
+                    SolveConfig(seed=5, views=3, colour_views=False), TTTConfig(seed=5, ttt_steps=4))
+    dests = {a.dest for a in eval_cli.build_parser()._actions}
+    for cls in (EvalConfig, SolveConfig, TTTConfig):
+        assert {f.name for f in dataclasses.fields(cls)} <= dests, cls
+    source = (ROOT / "eval.py").read_text()
+    assert "default=" not in source and "add_argument(" not in source  # no flag written by hand
+
+
+def test_nothing_scored_says_not_scored_and_writes_null(tmp_path, capsys):
+    """--limit 0, and a Kaggle challenges file without its solutions."""
+    challenges = {t.id: {"train": [{"input": p.input.tolist(), "output": p.output.tolist()} for p in t.train],
+                         "test": [{"input": p.input.tolist()} for p in t.test]} for t in load_tasks("arc1", "eval")[:3]}
+    kaggle = tmp_path / "x_evaluation_challenges.json"
+    kaggle.write_text(json.dumps(challenges))
+    sub = tmp_path / "sub.json"
+    sub.write_text(json.dumps({tid: [{"attempt_1": [[1]], "attempt_2": [[2]]}] for tid in challenges}))
+    for name, more in (("limit0", ["--limit", "0"]), ("kaggle", ["--data", str(kaggle)])):
+        assert eval_cli.main(["--submission", str(sub), "--out", str(tmp_path / name), *more]) == 0
+        assert capsys.readouterr().out.startswith("not scored (no task with known test outputs)")
+        results = read(tmp_path / name / "results.json")
+        assert results["score"] is None and results["pass_at_1"] is None and results["tasks_scored"] == 0
+    assert read(tmp_path / "kaggle" / "results.json")["unscored"] == sorted(challenges)
+
+
+def test_a_binary_submission_names_the_file(tmp_path, capsys):
+    (tmp_path / "sub.json").write_bytes(b"\xff\xfe{\x00")
+    assert eval_cli.main(["--submission", str(tmp_path / "sub.json"), "--out", str(tmp_path / "o")]) == 2
+    assert f"eval.py: error: {tmp_path / 'sub.json'}: not a JSON text file" in capsys.readouterr().err
+
+
+def test_skip_bad_evaluates_the_valid_tasks_and_lists_the_others(small, tmp_path, capsys):
+    ckpt, tasks = small
+    (tasks / "zbad.json").write_text(json.dumps({"train": [{"input": [[1, 2], [3]], "output": [[1]]}],
+                                                 "test": [{"input": [[1]], "output": [[1]]}]}))
+    assert eval_cli.main(eval_args(ckpt, tasks, tmp_path / "o")) == 2
+    assert "zbad.json" in capsys.readouterr().err
+    assert eval_cli.main(eval_args(ckpt, tasks, tmp_path / "o", "--skip_bad", "true")) == 0
+    results = read(tmp_path / "o" / "results.json")
+    assert sorted(results["tasks"]) == [f"task{k:02d}" for k in range(5)]
+    (skipped,) = results["run"]["skipped"]
+    assert skipped["task_id"] == "zbad" and skipped["file"].endswith("zbad.json") and "ragged" in skipped["reason"]
+    assert "zbad" in (tmp_path / "o" / "report.html").read_text()
+
+
+def test_tasks_the_checkpoint_was_trained_on_are_warned_about_and_marked(tmp_path, capsys):
+    folder = tmp_path / "tasks"
+    write_tasks(folder)
+    trained = [t for t in load_tasks(str(folder), "eval") if t.id in ("task01", "task03")]
+    ckpt = save_model(short_answer_model(), tmp_path / "m.pt",
+                      train_fingerprints=sorted(task_fingerprint(t) for t in trained) + ["0" * 64])
+    assert eval_cli.main(eval_args(ckpt, folder, tmp_path / "o")) == 0
+    assert "2 evaluated task(s) were trained on by this checkpoint (same content): task01, task03" in capsys.readouterr().err
+    results = read(tmp_path / "o" / "results.json")
+    assert results["run"]["seen_in_training"] == ["task01", "task03"]
+    assert [t for t, e in results["tasks"].items() if e["info"]["seen_in_training"]] == ["task01", "task03"]
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert html.count('<span class="seen">seen in training</span>') == 4  # two table rows, two sections
+    # a checkpoint without the record (older ones) marks nothing
+    plain = save_model(short_answer_model(), tmp_path / "plain.pt")
+    assert eval_cli.main(eval_args(plain, folder, tmp_path / "p")) == 0
+    assert read(tmp_path / "p" / "results.json")["run"]["seen_in_training"] == []
+
+
+def test_sample_is_a_fixed_random_subset_named_in_results(small, tmp_path):
+    ids = [t.id for t in load_tasks("arc1", "eval")]
+    five = sample_ids(ids, 5, seed=0)
+    assert five == ["20818e16", "358ba94e", "575b1a71", "85fa5666", "c1990cce"]  # fixed: figures quoted stay reproducible
+    assert sample_ids(list(reversed(ids)), 5, seed=0) == five  # not the order the source lists them in
+    assert set(five) <= set(sample_ids(ids, 40, seed=0))  # a larger sample extends a smaller one
+    assert sample_ids(ids, 5, seed=1) != five
+    with pytest.raises(ValueError, match="--sample 401: only 400 tasks"):
+        sample_ids(ids, 401, seed=0)
+    tasks = load_tasks("arc1", "eval")
+    chosen, record = select_tasks(tasks, sample=5, seed=0, limit=2)
+    assert [t.id for t in chosen] == five[:2] and record == {"n": 5, "seed": 0, "ids": five}
+
+    ckpt, folder = small
+    assert eval_cli.main(eval_args(ckpt, folder, tmp_path / "o", "--sample", "3", "--seed", "4")) == 0
+    results = read(tmp_path / "o" / "results.json")
+    expected = sample_ids([f"task{k:02d}" for k in range(5)], 3, seed=4)
+    assert results["run"]["sample"] == {"n": 3, "seed": 4, "ids": expected}
+    assert list(results["tasks"]) == expected
+    assert "3 tasks drawn at random with seed 4" in (tmp_path / "o" / "report.html").read_text()
+
+
+# ---- --data: every form arc.sources reads ------------------------------------------------------
+
+
+def test_data_synthetic_is_evaluated_with_a_model(tmp_path):
+    ckpt = save_model(short_answer_model(), tmp_path / "m.pt")
+    out = tmp_path / "o"
+    assert eval_cli.main(["--ckpt", str(ckpt), "--data", "synthetic:6", "--limit", "2", "--views", "1", "--out", str(out),
+                          "--progress", "false"]) == 0
+    results = read(out / "results.json")
+    assert list(results["tasks"]) == ["syn-flip_h-1-0", "syn-flip_v-1-1"]  # the eval split's generator seed: --seed + 1
+    assert results["tasks_scored"] == 2 and results["run"]["source"] == "6 synthetic tasks (seed 1)"
+
+
+def test_data_arc1_arc2_combined_keeps_each_content_once(tmp_path):
+    """arc1,arc2 eval: 400 + 120 tasks, 6 of ARC-AGI-2's with the content of an ARC-AGI-1 task."""
+    truth = {t.id: [{"attempt_1": p.output.tolist(), "attempt_2": [[0]]} for p in t.test]
+             for spec in ("arc1", "arc2") for t in load_tasks(spec, "eval")}
+    (tmp_path / "truth.json").write_text(json.dumps(truth))
+    out = tmp_path / "o"
+    assert eval_cli.main(["--submission", str(tmp_path / "truth.json"), "--data", "arc1,arc2", "--out", str(out)]) == 0
+    results = read(out / "results.json")
+    assert (len(results["tasks"]), results["tasks_scored"], results["score"]) == (514, 514, 1.0)
+    dropped = results["run"]["duplicates"]
+    assert len(dropped) == 6 and ["0934a4d8", "0934a4d8"] in dropped
+    assert "6 duplicates dropped (same content)" in (out / "report.html").read_text()
+
+
+def test_outputs_are_created_with_the_users_umask(small, tmp_path):
+    ckpt, tasks = small
+    old = os.umask(0o022)
+    try:
+        assert eval_cli.main(eval_args(ckpt, tasks, tmp_path / "o", "--limit", "1")) == 0
+    finally:
+        os.umask(old)
+    names = ["submission.json", "results.json", "report.html", JOURNAL]
+    assert {n: stat.S_IMODE((tmp_path / "o" / n).stat().st_mode) for n in names} == {n: 0o644 for n in names}
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted(names)  # no temporary left behind

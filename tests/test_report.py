@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from arc.data import Pair, Task
-from arc.report import CATEGORIES, PALETTE, build_results, grid_svg, task_category, write_report
-from arc.score import grid_to_list, score_submission
+from arc.report import CATEGORIES, PALETTE, SEEN_MARK, grid_svg, task_category, write_report
+from arc.score import build_results, grid_to_list, score_submission
 from arc.vote import Candidate, two_attempts
 
 A = np.array([[1, 2, 3], [4, 5, 6]])
@@ -98,8 +98,12 @@ def make_results(tasks: dict[str, Task]) -> dict:
     put(EVIL, [Candidate(B, -0.1, "identity")])
     put("h-hidden", [Candidate(B, -0.1, "identity")])
     sub["a-wrong-shape"][0]["attempt_2"] = [[1, 2], [3]]  # a ragged attempt in the submission itself
+    infos["zz-solved"][0]["adapt"] = {"steps": 32, "first_loss": 1.25, "last_loss": 0.5, "seconds": 3.0}
     score = score_submission(sub, tasks.values())
-    results = build_results(score, infos, checkpoint="runs/x/ckpt_001000.pt", settings={"views": 8, "ttt": False})
+    run = {"checkpoint": "runs/x/ckpt_001000.pt", "settings": {"solve": {"views": 8}, "ttt": None},
+           "seen_in_training": ["m-right-shape"], "sample": {"n": 6, "seed": 3, "ids": sorted(tasks)},
+           "skipped": [{"task_id": "bad1", "file": "tasks/bad1.json", "reason": "grid is ragged"}]}
+    results = build_results(score, test_info=infos, task_info={"m-right-shape": {"seen_in_training": True}}, run=run)
     return json.loads(json.dumps(results, allow_nan=False))  # strict JSON, as results.json
 
 
@@ -114,24 +118,16 @@ def written(tmp_path):
 
 def test_results_schema_from_score_and_votes():
     results = make_results(make_tasks())
-    for key in ("score", "pass_at_1", "tasks_solved", "test_inputs_solved", "test_inputs", "checkpoint", "settings", "tasks"):
-        assert key in results
-    assert results["score"] == pytest.approx((1 + 0.5 + 0 + 0 + 0) / 5)
+    assert results["score"] == (1 + 0.5 + 0 + 0 + 0) / 5
     assert results["unscored"] == ["h-hidden"]
     partial = results["tasks"]["p-partial"]["tests"]
-    assert partial[0]["correct"] == [True, True] and partial[0]["votes"] == [1]
-    assert partial[1]["placeholder"] and partial[1]["attempt_1"] == [[0]]
-    assert partial[1]["malformed"][0]["reason"].startswith("ragged")
+    assert partial[0]["correct"] == [True, True] and partial[0]["info"]["votes"] == [1]
+    assert partial[1]["info"]["placeholder"] and partial[1]["attempt_1"] == [[0]]
+    assert partial[1]["info"]["malformed"][0]["reason"].startswith("ragged")
     wrong = results["tasks"]["a-wrong-shape"]["tests"][0]
-    assert wrong["attempt_2"] is None and wrong["attempt_reasons"][1] == "grid is ragged: row 1 has 1 cells, row 0 has 2"
+    assert wrong["attempt_2"] is None and wrong["reasons"][1] == "grid is ragged: row 1 has 1 cells, row 0 has 2"
     assert results["tasks"]["m-right-shape"]["tests"][0]["shape_ok"] == [True, True]
-
-
-def test_extra_keys_cannot_overwrite_standard_ones():
-    score = score_submission({}, [])
-    assert build_results(score, seconds=3.5)["seconds"] == 3.5
-    with pytest.raises(ValueError, match="score"):
-        build_results(score, score=1.0)
+    assert results["tasks"]["zz-solved"]["tests"][0]["info"]["adapt"]["steps"] == 32
 
 
 def test_report_is_well_formed_and_lists_every_task(written):
@@ -139,7 +135,9 @@ def test_report_is_well_formed_and_lists_every_task(written):
     text, page = parse(path)
     assert text.startswith("<!DOCTYPE html>")
     assert {s["task"] for s in page.sections} == set(results["tasks"])
-    assert "runs/x/ckpt_001000.pt" in text and "0.3000" in text  # checkpoint and score in the header
+    assert "runs/x/ckpt_001000.pt" in text and "0.3000 (30.0%)" in text  # checkpoint and score in the header
+    assert "6 tasks drawn at random with seed 3" in text
+    assert "1 tasks skipped as bad (--skip_bad)" in text and "bad1 (tasks/bad1.json): grid is ragged" in text
     assert "script" not in page.tags, "task ids are escaped, never markup"
     assert EVIL in "".join(page.text)
     for tag in ("link", "img", "iframe"):
@@ -177,8 +175,31 @@ def test_report_shows_grids_sizes_votes_and_malformed_reasons(written):
     assert "ragged: row 2 has 1 cells" in text  # a malformed prediction's reason
     assert "no EOO" in text
     assert "placeholder" in text
+    assert "test-time training: 32 steps, loss 1.250 → 0.500, 3.0 s" in text
     assert "ragged: row 1 has 1 cells, row 0 has 2" in text  # a malformed attempt in the submission
     assert text.count("<svg") >= 6 * 2 * 2  # at least the demonstrations
+
+
+def test_tasks_seen_in_training_are_marked_in_the_table_and_their_section(written):
+    path, _, _ = written
+    text, page = parse(path)
+    summary_rows = re.findall(r"<tr class=[^>]*>.*?</tr>", text)
+    marked = [row for row in summary_rows if SEEN_MARK in row]
+    assert len(marked) == 1 and "m-right-shape" in marked[0]
+    sections = re.findall(r'<section class="task".*?</section>', text, flags=re.S)
+    assert [("m-right-shape" in sec) for sec in sections if SEEN_MARK in sec] == [True]
+    assert "1 evaluated task(s) have the content of a task the checkpoint was trained on: m-right-shape" in text
+
+
+def test_a_report_of_nothing_scored_says_so(tmp_path):
+    tasks = make_tasks()
+    hidden = {"h-hidden": tasks["h-hidden"]}
+    results = build_results(score_submission({}, hidden.values()))
+    path = tmp_path / "r.html"
+    write_report(path, results, hidden)
+    text, _ = parse(path)
+    assert "not scored (no task with known test outputs)" in text
+    assert "0.0000" not in text
 
 
 def test_limit_caps_sections_but_not_the_summary(tmp_path):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 
 import numpy as np
 import pytest
@@ -12,12 +11,16 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from arc.data import Pair, Task
+from arc.grid import same_grid
 from arc.score import (
+    RESULTS_SCHEMA,
+    build_results,
     grid_to_list,
     load_submission,
     read_grid,
+    results_summary,
     score_submission,
-    validate_submission,
+    write_results,
     write_submission,
 )
 
@@ -47,7 +50,6 @@ def test_perfect_submission_scores_one():
     assert (r.score, r.pass_at_1) == (1.0, 1.0)
     assert (r.tasks_solved, r.tasks_scored, r.test_inputs_solved, r.test_inputs) == (3, 3, 4, 4)
     assert r.warnings == [] and r.unscored == []
-    assert validate_submission(perfect(), TASKS) == []
 
 
 def test_task_score_is_fraction_of_test_inputs_and_total_is_mean_over_tasks():
@@ -151,7 +153,7 @@ def test_broken_submission_is_scored_not_crashed(name):
     assert not r.tasks["t1"].tests[0].solved
     expected = 0.0 if "top level" in name else 2 / 3
     assert r.score == pytest.approx(expected)
-    json.dumps(r.to_dict(), allow_nan=False)
+    json.dumps(build_results(r), allow_nan=False)
 
 
 def test_missing_second_test_entry_and_missing_attempt_2_count_as_wrong():
@@ -187,19 +189,53 @@ def test_numpy_grids_in_memory_are_accepted():
     assert score_submission(sub, TASKS).score == 1.0
 
 
-def test_report_to_dict_is_strict_json():
+def test_results_are_strict_json_with_attempts_truth_and_reasons():
     sub = perfect()
     sub["t3"] = [entry(None, B)]
-    d = score_submission(sub, TASKS + [Task("h", (Pair(A, B),), (Pair(A, None),))]).to_dict()
+    d = build_results(score_submission(sub, TASKS + [Task("h", (Pair(A, B),), (Pair(A, None),))]))
     back = json.loads(json.dumps(d, allow_nan=False))
-    assert back["tasks"]["t1"]["tests"][0]["correct"] == [True, True]
-    assert back["tasks"]["h"]["score"] is None
-    assert back["tasks"]["t3"]["tests"][0]["reasons"][0] == "missing (null)"
+    assert back["schema"] == RESULTS_SCHEMA
+    assert back["tasks"]["t1"]["tests"][0] == {
+        "index": 0, "attempt_1": grid_to_list(B), "attempt_2": grid_to_list(B), "reasons": [None, None],
+        "correct": [True, True], "solved": True, "right_attempt": 1, "shape_ok": [True, True], "info": {}}
+    assert back["tasks"]["h"]["score"] is None and back["tasks"]["h"]["solved"] is None
+    t3 = back["tasks"]["t3"]["tests"][0]
+    assert t3["reasons"] == ["missing (null)", None] and t3["attempt_1"] is None
+    assert t3["correct"] == [False, False] and t3["right_attempt"] is None
+    assert (back["score"], back["tasks_solved"], back["unscored"]) == (2 / 3, 2, ["h"])
 
 
-def test_empty_task_list_scores_zero():
-    r = score_submission({}, [])
-    assert (r.score, r.pass_at_1, r.tasks_scored) == (0.0, 0.0, 0)
+def test_results_keep_the_solvers_record_whole_and_the_run_as_given():
+    """Whatever the solver records per test (votes, test-time training's "adapt", keys added later)
+    reaches results.json; numpy values become JSON and non-finite numbers null."""
+    adapt = {"steps": 32, "first_loss": np.float32(1.5), "last_loss": float("nan"), "seconds": 2.0}
+    info = {"votes": [3, 1], "candidates": 4, "malformed": [], "adapt": adapt, "shape": (2, 2), "new_key": np.int64(7)}
+    r = score_submission(perfect(), TASKS)
+    d = build_results(r, test_info={"t1": [info]}, task_info={"t1": {"seconds": 1.25}},
+                      run={"checkpoint": "runs/x/latest.pt", "sample": {"n": 3, "seed": 0, "ids": ["t1", "t2", "t3"]}})
+    back = json.loads(json.dumps(d, allow_nan=False))
+    assert back["tasks"]["t1"]["tests"][0]["info"] == {
+        "votes": [3, 1], "candidates": 4, "malformed": [], "shape": [2, 2], "new_key": 7,
+        "adapt": {"steps": 32, "first_loss": 1.5, "last_loss": None, "seconds": 2.0}}
+    assert back["tasks"]["t1"]["info"] == {"seconds": 1.25}
+    assert back["tasks"]["t2"]["info"] == {} and back["tasks"]["t2"]["tests"][1]["info"] == {}
+    assert back["run"] == {"checkpoint": "runs/x/latest.pt", "sample": {"n": 3, "seed": 0, "ids": ["t1", "t2", "t3"]}}
+    with pytest.raises(TypeError, match="object"):
+        build_results(r, run={"x": object()})
+
+
+def test_nothing_scored_is_not_a_score_of_zero():
+    """No task at all, or only tasks without known test outputs: score None, "not scored"."""
+    hidden = Task("hidden", (Pair(A, B),), (Pair(A, None),))
+    for tasks in ([], [hidden]):
+        r = score_submission({"hidden": [entry(A, A)]}, tasks)
+        assert (r.score, r.pass_at_1, r.tasks_scored, r.test_inputs) == (None, None, 0, 0)
+        assert r.summary().startswith("not scored")
+        d = json.loads(json.dumps(build_results(r), allow_nan=False))
+        assert d["score"] is None and d["pass_at_1"] is None
+        assert results_summary(d).startswith("not scored")
+    assert results_summary(build_results(score_submission(perfect(), TASKS))).startswith(
+        "score 1.0000 (pass@2, official), pass@1 1.0000, 3/3 tasks solved, 4/4 test inputs solved")
 
 
 # ---- grids and files
@@ -216,7 +252,8 @@ def test_grid_list_round_trip(grid):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-20, 20) | st.floats(allow_nan=True) | st.text(max_size=3),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    # keys from "abc" only: never a task id or "attempt_1", so what each submission below scores is known
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text("abc", max_size=3), children, max_size=4),
     max_leaves=30,
 )
 
@@ -224,11 +261,17 @@ json_values = st.recursive(
 @given(json_values)
 @settings(max_examples=200, deadline=None)
 def test_any_json_as_submission_or_attempt_never_crashes(obj):
-    for sub in (obj, {"t1": obj}, {"t1": [obj]}, {"t1": [{"attempt_1": obj, "attempt_2": obj}]}):
+    # t1's only test output is B; t2 and t3 are missing from these submissions, so score 0
+    right = same_grid(read_grid(obj)[0], B)
+    for sub, t1_solved in ((obj, None), ({"t1": obj}, False), ({"t1": [obj]}, False),
+                           ({"t1": [{"attempt_1": obj, "attempt_2": obj}]}, right)):
         r = score_submission(sub, TASKS)
-        assert 0.0 <= r.score <= 1.0 and 0.0 <= r.pass_at_1 <= r.score
-        assert not math.isnan(r.score)
-        json.dumps(r.to_dict(), allow_nan=False)
+        if t1_solved is not None:
+            assert r.score == r.pass_at_1 == (1 / 3 if t1_solved else 0.0)
+            assert r.tasks["t2"].score == r.tasks["t3"].score == 0.0
+        else:  # any JSON as a whole submission: no task id in it, so nothing is solved
+            assert r.score == r.pass_at_1 == 0.0 and r.tasks_solved == 0
+        json.dumps(build_results(r), allow_nan=False)
 
 
 def test_write_then_load_round_trips_atomically(tmp_path):
@@ -241,6 +284,26 @@ def test_write_then_load_round_trips_atomically(tmp_path):
     assert score_submission(loaded, TASKS).score == 1.0
     write_submission(path, {"t1": []})  # overwrite in place
     assert load_submission(path) == {"t1": []}
+
+
+def test_a_binary_or_folder_submission_gets_an_error_naming_it(tmp_path):
+    binary = tmp_path / "sub.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(ValueError, match=r"sub\.bin: not a JSON text file \(byte 0 is not UTF-8"):
+        load_submission(binary)
+    with pytest.raises(ValueError, match=f"{tmp_path}: is a directory"):
+        load_submission(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_submission(tmp_path / "nope.json")
+
+
+def test_results_are_written_as_strict_json(tmp_path):
+    d = build_results(score_submission(perfect(), TASKS))
+    write_results(tmp_path / "results.json", d)
+    assert json.loads((tmp_path / "results.json").read_text()) == d
+    with pytest.raises(ValueError):  # a NaN that got past build_results is a bug: refuse to write it
+        write_results(tmp_path / "results.json", {**d, "score": float("nan")})
+    assert json.loads((tmp_path / "results.json").read_text()) == d
 
 
 def test_load_names_the_file_on_bad_json(tmp_path):

@@ -1,66 +1,151 @@
-"""Voting over predictions mapped back from augmented views."""
+"""Voting over predictions mapped back from augmented views.
+
+The view tests make each prediction the way the solver does: from the task *as a view presents
+it* (arc.augment's transforms applied to the task), by a stand-in that infers the rule from that
+view's demonstrations; the prediction is mapped back by the production inverse
+(``Transform.invert_grid``, inside ``arc.solve.solve_task`` or called as it calls it) and voted by
+``arc.vote``. Nothing cancels before production code runs: skip the inversion and the vote is lost.
+"""
 from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from arc import augment
+from arc.data import Pair, Task
+from arc.solve import SolveConfig, solve_task
+from arc.tokens import EOO, IN, OUT, VOCAB_SIZE, decode_grid, grid_tokens
 from arc.vote import Candidate, rank, two_attempts
 
 TRUTH = np.array([[1, 2, 3], [4, 5, 6]])  # no symmetry: every dihedral image is different
-
-# The 8 symmetries of the square and their inverses, written here with numpy so this core
-# property does not depend on arc.augment.
-DIHEDRAL = {
-    "identity": (lambda g: g, lambda g: g),
-    "rot90": (lambda g: np.rot90(g, 1), lambda g: np.rot90(g, -1)),
-    "rot180": (lambda g: np.rot90(g, 2), lambda g: np.rot90(g, -2)),
-    "rot270": (lambda g: np.rot90(g, 3), lambda g: np.rot90(g, -3)),
-    "flip_lr": (np.fliplr, np.fliplr),
-    "flip_ud": (np.flipud, np.flipud),
-    "transpose": (np.transpose, np.transpose),
-    "anti_transpose": (lambda g: np.rot90(g, 2).T, lambda g: np.rot90(g.T, 2)),
-}
+CPU = torch.device("cpu")
+RECOLOUR = np.array([0, 2, 3, 1, 5, 6, 4, 8, 9, 7])  # the rule: colour c becomes RECOLOUR[c]
 
 
-def test_local_transform_table_is_sound():
-    images = {name: f(TRUTH).tobytes() + bytes(f(TRUTH).shape) for name, (f, _) in DIHEDRAL.items()}
-    assert len(set(images.values())) == 8, "8 distinct symmetries"
-    for name, (f, inv) in DIHEDRAL.items():
-        assert np.array_equal(inv(f(TRUTH)), TRUTH), name
-
-
-def test_voting_recovers_the_truth_through_every_transform_and_its_inverse():
+def recolour_task() -> Task:
+    """Demonstrations of RECOLOUR that show every colour; asymmetric grids throughout."""
     rng = np.random.default_rng(0)
-    candidates = []
-    for name, (forward, inverse) in DIHEDRAL.items():
-        predicted = forward(TRUTH)  # a model that solved the transformed task
-        candidates.append(Candidate(inverse(predicted), -0.3, name))
-        noise = rng.integers(0, 10, size=predicted.shape)  # and one confident wrong sample per view
-        candidates.append(Candidate(inverse(noise), -0.01, f"{name} sample 2"))
-    a1, a2, info = two_attempts(candidates)
-    assert np.array_equal(a1, TRUTH)
-    assert not np.array_equal(a2, TRUTH)
-    assert info["votes"][0] == 8
-    assert sorted(info["ballots"][0]["views"]) == sorted(DIHEDRAL)
+    grids = [rng.permutation(np.arange(12) % 10).reshape(3, 4), rng.permutation(np.arange(12) % 10).reshape(4, 3),
+             np.arange(10).reshape(2, 5)]
+    test_in = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 0], [9, 9, 1]])
+    return Task("recolour", tuple(Pair(g, RECOLOUR[g]) for g in grids), (Pair(test_in, RECOLOUR[test_in]),))
 
 
-def test_voting_with_arc_augment_views():
-    augment = pytest.importorskip("arc.augment")  # the local table above is the core test
-    rng = np.random.default_rng(1)
-    candidates = []
-    for t in augment.views(16):  # 8 dihedrals, then dihedrals with colour permutations
-        predicted = t.apply_grid(TRUTH)
-        candidates.append(Candidate(t.invert_grid(predicted), -0.5, str(t)))
-        noise = rng.integers(0, 10, size=predicted.shape)
-        candidates.append(Candidate(t.invert_grid(noise), -0.1, f"{t} wrong"))
+def infer_recolouring(demos, test_input: np.ndarray) -> np.ndarray:
+    """An in-context solver for cell-wise recolouring: reads the colour map off the demonstrations
+    it is shown (in whatever frame and colours the view gives them) and applies it."""
+    mapping = {}
+    for inp, out in demos:
+        assert inp.shape == out.shape, "a recolouring keeps the shape"
+        mapping.update(zip(inp.ravel().tolist(), out.ravel().tolist()))
+    return np.vectorize(lambda c: mapping.get(c, c))(test_input)
+
+
+def parse_prompt(ids: np.ndarray) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """(demonstrations, test input) back from a prompt's token ids, by the layout's markers."""
+    grids, current = [], []
+    for tok in ids.tolist()[1:]:  # after BOS
+        if tok in (IN, OUT, EOO):
+            if current:
+                grids.append(decode_grid(current + [EOO]).grid)
+            current = []
+        else:
+            current.append(tok)
+    *pairs, test_input = grids
+    return list(zip(pairs[0::2], pairs[1::2])), test_input
+
+
+class InContextModel:
+    """The solver's model interface (cfg.max_seq_len, prefill / step / cache.select) over an
+    in-context solver: for each prompt it writes ``answer(demos, test_input)``'s tokens, then EOO."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.cfg = SimpleNamespace(max_seq_len=4096)
+
+    class Cache:
+        def __init__(self, scripts):
+            self.scripts, self.pos = scripts, [0] * len(scripts)
+
+        def select(self, index):
+            self.scripts = [self.scripts[i] for i in index.tolist()]
+            self.pos = [self.pos[i] for i in index.tolist()]
+
+    def _logits(self, cache):
+        out = torch.zeros(len(cache.scripts), VOCAB_SIZE)
+        for r, (script, pos) in enumerate(zip(cache.scripts, cache.pos)):
+            out[r, script[min(pos, len(script) - 1)]] = 10.0
+        return out
+
+    def prefill(self, prompts, max_new_tokens, positions=None):
+        scripts = [list(np.append(grid_tokens(self.answer(*parse_prompt(p.numpy()))), EOO)) for p in prompts]
+        cache = self.Cache(scripts)
+        return cache, self._logits(cache)
+
+    def step(self, tokens, cache, pos=None):
+        cache.pos = [p + 1 for p in cache.pos]
+        return self._logits(cache)
+
+
+def test_the_stand_in_solves_the_task_in_every_view_frame():
+    task = recolour_task()
+    for view in augment.views(16):
+        seen = view.apply_task(task)
+        assert np.array_equal(infer_recolouring(seen.demos, seen.test[0].input), seen.test[0].output), str(view)
+
+
+def test_predictions_made_under_16_views_and_inverted_by_the_solver_all_vote_for_the_truth():
+    task = recolour_task()
+    pred = solve_task(InContextModel(infer_recolouring), task, SolveConfig(views=16, batch=5), CPU)
+    (test,) = pred.tests
+    np.testing.assert_array_equal(test.attempt_1, task.test[0].output)
+    assert test.info["votes"] == [16] and test.correct == [True, True] and test.info["repeated"]
+    assert sorted(test.info["ballots"][0]["views"]) == sorted(str(v) for v in augment.views(16))
+
+
+def test_views_where_the_model_errs_lose_the_vote():
+    """Under the colour-permuted views (8..15) the stand-in gets one cell wrong in its own frame;
+    mapped back those are 8 different grids, one vote each, against 8 for the truth."""
+    first = recolour_task().train[0].input
+
+    def sloppy(demos, test_input):
+        out = infer_recolouring(demos, test_input)
+        in_task_colours = any(np.array_equal(augment.dihedral(first, k), demos[0][0]) for k in range(8))
+        if not in_task_colours:
+            out[0, 0] = (out[0, 0] + 1) % 10
+        return out
+
+    views = augment.views(16)
+    task = recolour_task()
+    pred = solve_task(InContextModel(sloppy), task, SolveConfig(views=16), CPU)
+    (test,) = pred.tests
+    np.testing.assert_array_equal(test.attempt_1, task.test[0].output)
+    assert test.info["votes"][0] == 8 and sum(test.info["votes"]) == 16
+    assert sorted(test.info["ballots"][0]["views"]) == sorted(str(v) for v in views[:8])
+    assert not np.array_equal(test.attempt_2, task.test[0].output) and test.correct == [True, False]
+
+
+def test_the_production_inverse_maps_each_views_prediction_back():
+    """As solve.py does it: predict from the view's task, ``view.invert_grid`` the prediction, vote."""
+    task = recolour_task()
+    candidates, raw = [], []
+    for view in augment.views(16, seed=3):
+        seen = view.apply_task(task)
+        predicted = infer_recolouring(seen.demos, seen.test[0].input)  # in the view's frame and colours
+        candidates.append(Candidate(view.invert_grid(predicted), -0.3, str(view)))
+        raw.append(Candidate(predicted, -0.3, str(view)))
     a1, _, info = two_attempts(candidates)
-    assert np.array_equal(a1, TRUTH)
-    assert info["votes"][0] == 16
+    np.testing.assert_array_equal(a1, task.test[0].output)
+    assert info["votes"] == [16]
+    # without the inversion the views disagree: the same predictions give no majority at all
+    assert max(two_attempts(raw)[2]["votes"]) < 16 // 2
 
 
 def test_majority_beats_higher_logprob():
