@@ -8,11 +8,12 @@ per-target-token mean every reported figure uses.
 
 Precision: ``--dtype`` is ``float32``, ``bfloat16`` (autocast: matrix multiplies in bf16; weights,
 residual stream, norms and the scan's decays stay float32) or ``auto``, resolved by
-:func:`resolve_dtype`.
+:func:`resolve_dtype`. :func:`matmul_rate` measures a device's matrix-multiply speed per dtype.
 """
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import ContextManager
 
 import torch
@@ -38,6 +39,28 @@ def target_count(y: torch.Tensor) -> int:
 def mean_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy per target token (0, not NaN, when there is none)."""
     return loss_sum(logits, y) / max(target_count(y), 1)
+
+
+def matmul_rate(dtype: torch.dtype, shape: tuple[int, int, int], seconds: float, device: torch.device | str = "cpu") -> float:
+    """Best FLOP/s of an (m, k) @ (k, n) product in ``dtype`` on ``device``, timed repeatedly for
+    about ``seconds`` on all of torch's threads (best, not mean: a shared machine only slows it)."""
+    device = torch.device(device)
+    m, k, n = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(m, k, device=device, generator=gen).to(dtype)
+    b = torch.randn(k, n, device=device, generator=gen).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # first call: allocation and kernel selection
+    sync()
+    best, start = float("inf"), time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        now = time.perf_counter()
+        best = min(best, now - t0)
+        if now - start >= seconds:
+            return 2.0 * m * k * n / best
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
