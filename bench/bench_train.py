@@ -1,29 +1,36 @@
 """Training benchmarks on CPU (or GPU): throughput against the seed, memory against batch size,
 and step time against sequence length.
 
-    python bench/bench_train.py throughput [--steps 6] [--md docs/BENCHMARKS.md]
+    python bench/bench_train.py throughput [--steps 6] [--dtypes float32,bfloat16] [--md docs/BENCHMARKS.md]
     python bench/bench_train.py memory     [--batches 1,2,4,8] [--md ...]
-    python bench/bench_train.py length     [--lengths 512,1024,2048,4096] [--md ...]
+    python bench/bench_train.py length     [--lengths 512,1024,2048,4096] [--dtype auto] [--md ...]
     python bench/bench_train.py mfu        [--preset gpu] [--length 4096] [--batch 8] [--peak-tflops X] [--md ...]
+
+Every throughput figure comes with its model FLOP utilisation (MFU): the model's FLOPs per token
+(HybridLM.estimate_flops_per_token) x tokens/s against the machine's peak, measured at the start of
+the run on a CPU (bench/peak.py), the spec sheet's dense bf16 peak on a GPU.
 
 throughput  real (non-PAD) training tokens per second on ARC-AGI-1 training data, end to end
             (batch building, forward, backward, AdamW step), of
               ours: ArcDataLoader (length buckets, batches capped at --max-tokens) + the default hybrid
               seed: every sequence padded to 4096, random batches, an attention-only GPT (with MLP)
                     of about the same parameter count,
-            measured one after the other in the same process; the ratio is the figure.
+            each in float32 and under bf16 autocast, the arms' steps interleaved in one process (a
+            shared machine slows all alike); the figure is the ratio of each setup in its best dtype.
+            MFU counts the FLOPs of real tokens only (padding is work done for nothing).
 memory      peak memory of one training step (forward + backward + AdamW) of the default model at
             sequences of 4096 tokens for each batch size, each in a fresh subprocess (CPU: peak RSS;
             GPU: max allocated), without accumulation (B sequences in one micro-batch) and with it
             (B micro-batches of one sequence).
 length      forward+backward time of one sequence of length L for the hybrid, a pure-Mamba2 and a
-            pure-attention model of equal width and depth, in one process.
-mfu         training tokens/s and model FLOPs utilization of a preset (default ``gpu``) on full-length
-            sequences, bf16 autocast and fused AdamW on CUDA, once with the Mamba2 kernels and once
-            forced onto the pure-PyTorch reference path, in one process. MFU = FLOPs/token
-            (HybridLM.estimate_flops_per_token) x tokens/s / peak; the peak is --peak-tflops, or the
-            dense bf16 peak of a known GPU (H100/H200 SXM: 989 TFLOP/s; A100: 312). On a CPU the
-            reference path alone is timed in fp32 and MFU is printed only with --peak-tflops.
+            pure-attention model of equal width and depth, in one process, with each one's MFU.
+mfu         training tokens/s and model FLOPs utilization of a preset (default ``gpu``; ``cpu`` on a
+            CPU) on sequences of --length, once on the Mamba2 path arc/kernels.py picks (the fused
+            kernels on CUDA, the fast chunked SSD on a CPU) and once forced onto the plain
+            reference path, in each of --dtypes (default: bf16 autocast and fused AdamW on CUDA;
+            float32 and bf16 autocast on a CPU), steps interleaved in one process. The peak is
+            --peak-tflops, the dense bf16 peak of a known GPU (H100/H200 SXM: 989 TFLOP/s; A100:
+            312), or on a CPU the peak measured at the start.
 """
 from __future__ import annotations
 
@@ -34,15 +41,17 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 
-from common import emit, header
+from common import emit, header, load_note, mfu_cell, peak_for  # first: puts the checkout's arc/ first
+from arc import kernels
 from arc.data import load_tasks
 from arc.loader import ArcDataLoader
 from arc.model import HybridLM, ModelConfig, preset
 from arc.tokens import PAD
-from arc.loss import autocast_for, loss_sum
+from arc.loss import autocast_for, loss_sum, resolve_dtype
 
 
 def seed_gpt(target_params: int) -> ModelConfig:
@@ -56,53 +65,85 @@ def seed_gpt(target_params: int) -> ModelConfig:
     return best[0]
 
 
-def train_steps(model: HybridLM, loader: ArcDataLoader, steps: int, device: torch.device) -> dict:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    real = padded = 0
-    x, y, _ = loader.next_batch()  # warm-up step, not timed
-    loss = loss_sum(model(x.to(device))[0], y.to(device))
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        x, y, _ = loader.next_batch()
-        x, y = x.to(device), y.to(device)
-        logits, _ = model(x)
+@dataclass
+class Arm:
+    """One setup of the throughput race: a model, its loader and optimizer, a dtype, and its tally."""
+
+    model: HybridLM
+    loader: ArcDataLoader
+    dtype: str
+    opt: torch.optim.Optimizer = field(init=False)
+    real: int = 0
+    padded: int = 0
+    flops: float = 0.0  # model FLOPs of the real tokens
+    seconds: float = 0.0
+    steps: int = 0
+
+    def __post_init__(self) -> None:
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+
+    def step(self, device: torch.device, timed: bool = True) -> None:
+        """One optimizer step, end to end: the batch is built inside the timed region."""
+        t0 = time.perf_counter()
+        x, y, pos = self.loader.next_batch().to(device)
+        with autocast_for(self.dtype, device):
+            logits, _ = self.model(x, pos=pos)
         (loss_sum(logits, y) / (y != -100).sum().clamp(min=1)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        real += int((x != PAD).sum())
-        padded += x.numel()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    return {"real_tok_s": real / dt, "padded_tok_s": padded / dt, "real_share": real / padded, "s_per_step": dt / steps}
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if timed:
+            real = int((x != PAD).sum())
+            self.seconds += time.perf_counter() - t0
+            self.real += real
+            self.padded += x.numel()
+            self.flops += real * self.model.estimate_flops_per_token(x.shape[1])
+            self.steps += 1
 
 
 def cmd_throughput(args) -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak = peak_for(device, given_tflops=args.peak_tflops)
     tasks = load_tasks("arc1", "train")
     torch.manual_seed(0)
     ours_cfg = preset("cpu")
-    ours = HybridLM(ours_cfg).to(device)
-    gpt_cfg = seed_gpt(ours.num_params())
-    gpt = HybridLM(gpt_cfg).to(device)
-    runs = {
-        "ours: length buckets + hybrid": (ours, ArcDataLoader(tasks, batch_size=16, max_tokens=args.max_tokens, seed=0)),
-        "seed: pad to 4096 + attention GPT": (gpt, ArcDataLoader(tasks, batch_size=args.max_tokens // 4096, seed=0,
-                                                                bucket=False, pad_to_block=True)),
-    }
-    res = {name: train_steps(m, ld, args.steps, device) for name, (m, ld) in runs.items()}
-    base = res["seed: pad to 4096 + attention GPT"]["real_tok_s"]
-    lines = [header(f"python bench/bench_train.py throughput --steps {args.steps} --max-tokens {args.max_tokens}"),
+    gpt_cfg = seed_gpt(HybridLM(ours_cfg).num_params())
+    setups = {"ours: length buckets + hybrid": ours_cfg, "seed: pad to 4096 + attention GPT": gpt_cfg}
+    arms: dict[tuple[str, str], Arm] = {}
+    for name, cfg in setups.items():
+        for dtype in args.dtypes.split(","):
+            torch.manual_seed(0)  # each arm: the same weights and batches as its twin in the other dtype
+            loader = (ArcDataLoader(tasks, batch_size=16, max_tokens=args.max_tokens, seed=0) if name.startswith("ours")
+                      else ArcDataLoader(tasks, batch_size=args.max_tokens // 4096, seed=0, bucket=False, pad_to_block=True))
+            arms[(name, dtype)] = Arm(HybridLM(cfg).to(device), loader, dtype)
+    for arm in arms.values():
+        arm.step(device, timed=False)  # warm-up
+    order = list(arms.values())
+    for r in range(args.steps):  # interleaved: every arm's r-th step before any arm's (r+1)-th
+        for arm in order[r % len(order):] + order[:r % len(order)]:
+            arm.step(device)
+
+    def best_of(name: str) -> Arm:
+        return max((a for (n, _), a in arms.items() if n == name), key=lambda a: a.real / a.seconds)
+
+    base = best_of("seed: pad to 4096 + attention GPT")
+    base_rate = base.real / base.seconds
+    ours = HybridLM(ours_cfg)
+    lines = [header(f"python bench/bench_train.py throughput --steps {args.steps} --max-tokens {args.max_tokens} --dtypes {args.dtypes}"),
+             f"{kernels.describe()}. {peak.describe()}.", "",
              f"Both take {args.max_tokens} padded tokens per step. Ours: {ours.num_params() / 1e6:.2f}M parameters "
-             f"(layout {ours_cfg.layer_kinds}); seed GPT: {gpt.num_params() / 1e6:.2f}M ({gpt_cfg.n_layer} attention layers, "
-             f"gated MLP {gpt_cfg.mlp_hidden}). {args.steps} timed steps each after one warm-up step.", "",
-             "| setup | real tokens/s | padded tokens/s | real share | s/step | speed-up |", "|---|---|---|---|---|---|"]
-    for name, r in res.items():
-        lines.append(f"| {name} | {r['real_tok_s']:,.0f} | {r['padded_tok_s']:,.0f} | {r['real_share']:.1%} | "
-                     f"{r['s_per_step']:.2f} | **{r['real_tok_s'] / base:.2f}x** |")
+             f"(layout {ours_cfg.layer_kinds}); seed GPT: {HybridLM(gpt_cfg).num_params() / 1e6:.2f}M ({gpt_cfg.n_layer} attention "
+             f"layers, gated MLP {gpt_cfg.mlp_hidden}). {args.steps} timed steps per arm after one warm-up step, the arms "
+             "interleaved. MFU: model FLOPs of the real tokens against the best peak (and the run dtype's peak).", "",
+             "| setup | dtype | real tokens/s | padded tokens/s | real share | s/step | MFU | vs the seed's best |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (name, dtype), a in arms.items():
+        rate = a.real / a.seconds
+        mark = "**" if a is best_of(name) else ""
+        lines.append(f"| {name} | {dtype} | {rate:,.0f} | {a.padded / a.seconds:,.0f} | {a.real / a.padded:.1%} | "
+                     f"{a.seconds / a.steps:.2f} | {mfu_cell(a.flops / a.real, rate, peak, dtype)} | {mark}{rate / base_rate:.2f}x{mark} |")
+    lines += ["", f"Bold: each setup in its best dtype. {load_note()} at the end."]
     return "\n".join(lines)
 
 
@@ -155,88 +196,90 @@ def cmd_memory(args) -> str:
 
 def cmd_length(args) -> str:
     lengths = [int(x) for x in args.lengths.split(",")]
+    device = torch.device("cpu")
+    dtype = resolve_dtype(args.dtype, device)
+    peak = peak_for(device, given_tflops=args.peak_tflops)
     models = {"hybrid (MMMA)": "MMMA", "pure Mamba2 (M)": "M", "pure attention (A)": "A"}
     torch.manual_seed(0)
-    res: dict[str, list[float]] = {}
-    for name, pattern in models.items():
-        model = HybridLM(preset("cpu", layer_pattern=pattern))
-        times = []
-        for L in lengths:
-            x = torch.randint(0, 10, (1, L))
-            best = float("inf")
-            for _ in range(args.repeats + 1):  # the first is a warm-up
+    built = {name: HybridLM(preset("cpu", layer_pattern=pattern)) for name, pattern in models.items()}
+    res: dict[str, list[float]] = {name: [] for name in models}
+    for L in lengths:
+        x = torch.randint(0, 10, (1, L))
+        best = {name: float("inf") for name in models}
+        for r in range(args.repeats + 1):  # the first round is a warm-up; models interleaved
+            for name, model in built.items():
                 t0 = time.perf_counter()
-                logits, _ = model(x)
+                with autocast_for(dtype, device):
+                    logits, _ = model(x)
                 loss_sum(logits, x).backward()
-                best = min(best, time.perf_counter() - t0)
-            times.append(best)
-        res[name] = times
-    lines = [header(f"python bench/bench_train.py length --lengths {args.lengths} --repeats {args.repeats}"),
-             "Forward+backward of one sequence (B=1), d_model 256, 8 layers, best of the repeats. "
-             f"Growth = time(L) / time({lengths[0]}) (linear would be L/{lengths[0]}).", "",
+                model.zero_grad(set_to_none=True)
+                if r:
+                    best[name] = min(best[name], time.perf_counter() - t0)
+        for name in models:
+            res[name].append(best[name])
+    lines = [header(f"python bench/bench_train.py length --lengths {args.lengths} --repeats {args.repeats} --dtype {args.dtype}"),
+             f"{kernels.describe()}. {peak.describe()}.", "",
+             f"Forward+backward of one sequence (B=1), d_model 256, 8 layers, {dtype}, best of the repeats, models "
+             f"interleaved; (MFU against the best peak). Growth = time(L) / time({lengths[0]}) (linear would be L/{lengths[0]}).", "",
              "| model | " + " | ".join(f"L={L}" for L in lengths) + f" | growth {lengths[0]}->{lengths[-1]} |",
              "|---|" + "---|" * (len(lengths) + 1)]
     for name, times in res.items():
-        lines.append(f"| {name} | " + " | ".join(f"{t:.3f} s" for t in times) + f" | {times[-1] / times[0]:.1f}x |")
+        model = built[name]
+        cells = [f"{t:.3f} s ({mfu_cell(model.estimate_flops_per_token(L), L / t, peak, dtype).split(' ')[0]})"
+                 for t, L in zip(times, lengths)]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {times[-1] / times[0]:.1f}x |")
     lines.append(f"| (linear) | | | | | {lengths[-1] / lengths[0]:.1f}x |" if len(lengths) == 4 else "")
     return "\n".join(lines)
 
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def peak_tflops(device: torch.device, given: float | None) -> float | None:
-    if given is not None or device.type != "cuda":
-        return given
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-
-
-def time_training(model: HybridLM, batch: int, length: int, steps: int, device: torch.device) -> float:
-    """Seconds per optimizer step on random full-length sequences (after two warm-up steps)."""
+def cmd_mfu(args) -> str:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
+    preset_name = args.preset or ("gpu" if cuda else "cpu")
+    dtypes = args.dtypes.split(",") if args.dtypes else (["bfloat16"] if cuda else ["float32", "bfloat16"])
+    peak = peak_for(device, given_tflops=args.peak_tflops)
+    torch.manual_seed(0)
+    model = HybridLM(preset(preset_name, max_seq_len=max(args.length, 4096))).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-    x = torch.randint(0, 10, (batch, length), device=device)
-    y = torch.randint(0, 10, (batch, length), device=device)
-    t0 = 0.0
-    for i in range(steps + 2):
-        if i == 2:
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        with autocast_for("auto", device):
-            logits, _ = model(x)
-        (loss_sum(logits, y) / y.numel()).backward()
+    flops = model.estimate_flops_per_token(args.length)
+    picked = "kernels" if cuda and kernels.KERNELS.available else ("fast chunked SSD" if not cuda else
+                                                                   f"kernels unavailable ({kernels.KERNELS.reason}): reference")
+    arms = [(path, forced, dtype) for path, forced in ((picked, False), ("reference (plain PyTorch)", True)) for dtype in dtypes]
+    x = torch.randint(0, 10, (args.batch, args.length), device=device)
+    y = torch.randint(0, 10, (args.batch, args.length), device=device)
+
+    def one_step(forced: bool, dtype: str) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with kernels.reference_path() if forced else contextlib.nullcontext():
+            with autocast_for(dtype, device):
+                logits, _ = model(x)
+            (loss_sum(logits, y) / y.numel()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
-
-def cmd_mfu(args) -> str:
-    from arc import kernels
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    model = HybridLM(preset(args.preset, max_seq_len=max(args.length, 4096))).to(device)
-    flops = model.estimate_flops_per_token(args.length)
-    peak = peak_tflops(device, args.peak_tflops)
-    paths = [("reference (pure PyTorch)", True)]
-    if device.type == "cuda":
-        paths.insert(0, ("kernels" if kernels.KERNELS.available else f"kernels unavailable ({kernels.KERNELS.reason}): reference", False))
-    lines = [header(f"python bench/bench_train.py mfu --preset {args.preset} --length {args.length} --batch {args.batch} --steps {args.steps}"),
-             f"Preset `{args.preset}`: {model.num_params() / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs per training token at "
-             f"L={args.length}; batch {args.batch}; {'bf16 autocast, fused AdamW' if device.type == 'cuda' else 'fp32 on CPU'}; "
-             f"peak {'%g TFLOP/s' % peak if peak else 'unknown (pass --peak-tflops)'}.", "",
-             "| Mamba2 path | s/step | tokens/s | achieved TFLOP/s | MFU |", "|---|---|---|---|---|"]
-    for name, forced in paths:
-        with kernels.reference_path() if forced else contextlib.nullcontext():
-            sec = time_training(model, args.batch, args.length, args.steps, device)
+    seconds = {arm: [] for arm in arms}
+    for r in range(args.steps + 2):  # two warm-up rounds, arms interleaved
+        for arm in arms[r % len(arms):] + arms[:r % len(arms)]:
+            sec = one_step(arm[1], arm[2])
+            if r >= 2:
+                seconds[arm].append(sec)
+    lines = [header(f"python bench/bench_train.py mfu --preset {preset_name} --length {args.length} --batch {args.batch} "
+                    f"--steps {args.steps}" + (f" --dtypes {args.dtypes}" if args.dtypes else "")),
+             f"{kernels.describe()}. {peak.describe()}.", "",
+             f"Preset `{preset_name}`: {model.num_params() / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOPs per training token at "
+             f"L={args.length}; batch {args.batch}; AdamW{' (fused)' if cuda else ''}; the same weights and batch in every arm "
+             f"(arms interleaved, median of {args.steps} steps).", "",
+             "| Mamba2 path | dtype | s/step | tokens/s | achieved TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
+    for (name, _, dtype), secs in seconds.items():
+        sec = sorted(secs)[len(secs) // 2]
         tok_s = args.batch * args.length / sec
-        achieved = flops * tok_s / 1e12
-        mfu = f"{achieved / peak:.1%}" if peak else "n/a"
-        lines.append(f"| {name} | {sec:.3f} | {tok_s:,.0f} | {achieved:.2f} | {mfu} |")
+        lines.append(f"| {name} | {dtype} | {sec:.3f} | {tok_s:,.0f} | {flops * tok_s / 1e12:.3f} | {mfu_cell(flops, tok_s, peak, dtype)} |")
+    lines += ["", f"{load_note()} at the end."]
     return "\n".join(lines)
 
 
@@ -249,17 +292,21 @@ def main() -> None:
     t = sub.add_parser("throughput", help="real tokens/s: ours vs the seed")
     t.add_argument("--steps", type=int, default=6, help="timed steps per setup")
     t.add_argument("--max-tokens", type=int, default=16384, help="padded tokens per step for both setups")
+    t.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes each setup runs in (bfloat16 = autocast)")
     m = sub.add_parser("memory", help="peak memory vs batch size at 4096")
     m.add_argument("--batches", default="1,2,4,8", help="batch sizes")
     ln = sub.add_parser("length", help="step time vs sequence length")
     ln.add_argument("--lengths", default="512,1024,2048,4096", help="sequence lengths")
     ln.add_argument("--repeats", type=int, default=2, help="timed repeats per length (best is kept)")
+    ln.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="float32, bf16 autocast, or auto (arc.loss.resolve_dtype)")
     f = sub.add_parser("mfu", help="tokens/s and MFU of a preset, kernel vs reference path")
-    f.add_argument("--preset", default="gpu", help="model preset")
+    f.add_argument("--preset", default=None, help="model preset (default: gpu on CUDA, cpu on a CPU)")
     f.add_argument("--length", type=int, default=4096, help="sequence length")
     f.add_argument("--batch", type=int, default=8, help="sequences per step")
     f.add_argument("--steps", type=int, default=10, help="timed steps per path")
-    f.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of the device (default: known GPUs' bf16 peak)")
+    f.add_argument("--dtypes", default=None, help="comma-separated dtypes (default: bfloat16 on CUDA, float32,bfloat16 on CPU)")
+    for s in (t, ln, f):
+        s.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s (default: measured on CPU, spec sheet on GPU)")
     for s in (t, m, ln, f):
         s.add_argument("--md", default=None, help="append the markdown result to this file")
     args = p.parse_args()

@@ -122,15 +122,26 @@ def test_real_mamba_ssm_state_dict_loads_into_ours_and_computes_the_same():
             assert_close_rel(ours(u)[0], real(u), "our reference vs mamba_ssm")
 
 
-def test_hybrid_bf16_autocast_is_finite_and_decoding_matches_forward():
+def test_hybrid_bf16_step_is_close_to_float32_and_decoding_matches_forward():
+    """bf16 autocast (the kernels' bf16 inputs) against float32 on the same weights and batch.
+    Tolerances are the CPU test's (tests/test_model.py) loosened 2-5x for the kernels' TF32 products;
+    not yet run on a GPU: no GPU was lent to the session that wrote them."""
     torch.manual_seed(0)
     m = HybridLM(preset("tiny", chunk_size=64)).to(DEV)
     idx = torch.randint(0, VOCAB_SIZE, (4, 300), device=DEV)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits, loss = m(idx, idx)
-    loss.backward()
-    assert torch.isfinite(logits.float()).all() and torch.isfinite(loss)
-    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+    results = []
+    for bf16 in (False, True):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            logits, loss = m(idx, idx)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in m.parameters()]))
+    (loss32, grads32), (loss16, grads16) = results
+    assert loss16 == pytest.approx(loss32, rel=5e-3)
+    flat32, flat16 = torch.cat([g.flatten() for g in grads32]), torch.cat([g.flatten() for g in grads16])
+    assert (flat16 - flat32).norm() <= 0.05 * flat32.norm()
+    for (name, _), a, b in zip(m.named_parameters(), grads16, grads32):
+        assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) >= 0.98, name
     m.eval()
     with torch.no_grad():
         full = m(idx[:2, :60])[0].float()  # (2, 60, V)

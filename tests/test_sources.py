@@ -40,7 +40,8 @@ def test_synthetic_is_seeded_by_split_and_defaults_to_2000(monkeypatch):
     got = sources.load_tasks("synthetic:5", "eval", seed=3).tasks
     assert all(same(a, b) for a, b in zip(got, make_tasks(5, seed=4), strict=True))
     asked = []
-    monkeypatch.setattr(sources.synthetic, "make_tasks", lambda n, seed: asked.append((n, seed)) or [])
+    from arc import synthetic  # arc.sources imports it only when a synthetic source is read
+    monkeypatch.setattr(synthetic, "make_tasks", lambda n, seed: asked.append((n, seed)) or [])
     sources.load_tasks("synthetic", "train", seed=7)
     assert asked == [(2000, 7)]
 
