@@ -6,7 +6,8 @@ It only renders: the ``results`` dict it reads is results.json as :func:`arc.sco
 makes it (the schema is documented once, in arc/score.py's docstring).
 
 Only ``score``/``tasks`` and, per test, ``attempt_1``/``attempt_2``/``correct`` are needed by
-:func:`write_report`; every other key is optional. Tasks the checkpoint was trained on
+:func:`write_report`; every other key is optional (without ``shape_ok`` a task scoring 0 is shown
+as "wrong shape": the report renders what scoring found, it does not score again). Tasks the checkpoint was trained on
 (``info.seen_in_training``) are marked in the table and in their section. Tasks are shown solved
 first, then partially solved, then wrong with the right output shape, then wrong shape, then
 unscored; by id within each group.
@@ -44,9 +45,10 @@ MAX_LISTED = 200  # warnings / malformed reasons listed before "... and N more"
 SEEN_MARK = "seen in training"  # the label of a task whose content the checkpoint was trained on
 
 
-def task_category(entry: Mapping[str, Any], task: Task | None = None) -> str:
-    """One of CATEGORIES for a task's results entry. "right shape" means some attempt of some test
-    input has the true output's shape (from ``shape_ok``, or worked out from ``task``)."""
+def task_category(entry: Mapping[str, Any]) -> str:
+    """One of CATEGORIES for a task's results entry, read from what scoring recorded: its ``score``
+    and, for a task scoring 0, each test's ``shape_ok`` ("right shape": some attempt of some test
+    input has the true output's shape). Nothing is compared against the truth here."""
     score = entry.get("score")
     if score is None:
         return "unscored"
@@ -54,14 +56,8 @@ def task_category(entry: Mapping[str, Any], task: Task | None = None) -> str:
         return "solved"
     if score > 0.0:
         return "partial"
-    for i, test in enumerate(entry.get("tests", [])):
-        shape_ok = test.get("shape_ok")
-        if shape_ok is None and task is not None and i < len(task.test) and task.test[i].output is not None:
-            truth_shape = task.test[i].output.shape
-            grids = [read_grid(test.get(k))[0] for k in ("attempt_1", "attempt_2")]
-            shape_ok = [g is not None and g.shape == truth_shape for g in grids]
-        if shape_ok and any(shape_ok):
-            return "right shape"
+    if any(any(test.get("shape_ok") or ()) for test in entry.get("tests", [])):
+        return "right shape"
     return "wrong shape"
 
 
@@ -368,7 +364,7 @@ def write_report(
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
     by_id = dict(tasks) if isinstance(tasks, Mapping) else {t.id: t for t in tasks}
     results_tasks: Mapping[str, Any] = results.get("tasks") or {}
-    categories = {tid: task_category(entry, by_id.get(tid)) for tid, entry in results_tasks.items()}
+    categories = {tid: task_category(entry) for tid, entry in results_tasks.items()}
     order = sorted(categories.items(), key=lambda kv: (CATEGORIES.index(kv[1]), kv[0]))
     shown = order if limit is None else order[:limit]
     anchors = {tid: f"t{n}" for n, (tid, _) in enumerate(shown)}

@@ -73,6 +73,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -281,10 +282,6 @@ def summary_line(score: float | None, pass_at_1: float | None, tasks_solved: int
     return head + (f", {unscored} unscored" if unscored else "") + (f", {warnings} warnings" if warnings else "")
 
 
-def _mean(values: list[float]) -> float | None:
-    return math.fsum(values) / len(values) if values else None
-
-
 def score_submission(submission: Any, tasks: Iterable[Task]) -> ScoreReport:
     """Score a submission against tasks by the ARC Prize rule (see the module docstring).
 
@@ -314,10 +311,9 @@ def score_submission(submission: Any, tasks: Iterable[Task]) -> ScoreReport:
             else:
                 correct = shape_ok = None
             tests.append(TestScore(i, correct, shape_ok, entry.reasons, entry.attempts))  # type: ignore[arg-type]
-        if known:
-            score = _mean([float(t.solved) for t in tests])
-            pass1 = _mean([float(t.correct[0]) for t in tests])  # type: ignore[index]
-            assert score is not None and pass1 is not None  # a known task has test inputs
+        if known:  # a known task has test inputs: the means are defined
+            score = fmean(t.solved for t in tests)
+            pass1 = fmean(t.correct[0] for t in tests)  # type: ignore[index]
         else:
             score = pass1 = None
             unscored.append(task.id)
@@ -325,8 +321,8 @@ def score_submission(submission: Any, tasks: Iterable[Task]) -> ScoreReport:
 
     scored = [t for t in per_task.values() if t.scored]
     report = ScoreReport(
-        score=_mean([t.score for t in scored]),  # type: ignore[misc]
-        pass_at_1=_mean([t.pass_at_1 for t in scored]),  # type: ignore[misc]
+        score=fmean(t.score for t in scored) if scored else None,  # type: ignore[misc]
+        pass_at_1=fmean(t.pass_at_1 for t in scored) if scored else None,  # type: ignore[misc]
         tasks_solved=sum(t.solved for t in scored),
         tasks_scored=len(scored),
         test_inputs_solved=sum(x.solved for t in scored for x in t.tests),

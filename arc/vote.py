@@ -15,13 +15,15 @@ Ranking, best first:
 3. a fixed order on the grids themselves (smaller shape first, then cells lexicographically),
    so the result does not depend on the order the candidates arrive in.
 
-Averages use ``math.fsum``, which is exact, so the order of candidates cannot change a mean either.
+Averages are ``statistics.fmean`` (a ``math.fsum``, which is exact), so the order of candidates cannot
+change a mean either.
 This module knows nothing of models or transforms: only grids, scores and labels.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import fmean
 from typing import Any, Sequence
 
 import numpy as np
@@ -83,9 +85,9 @@ def _rank_key(b: Ballot) -> tuple:
 
 
 def _exact_mean(values: list[float]) -> float:
-    """Correctly rounded mean, whatever the order; NaN when undefined (NaN or +inf with -inf)."""
+    """:func:`statistics.fmean` (exact, whatever the order), NaN where it is undefined (+inf with -inf)."""
     try:
-        return math.fsum(values) / len(values)
+        return fmean(values)
     except (ValueError, OverflowError):  # inf + -inf; overflow needs |logprob| near 1e308
         return math.nan
 

@@ -233,13 +233,19 @@ def test_hand_written_results_with_missing_pieces(tmp_path):
     assert text.count("no grid") >= 2
 
 
-def test_task_category_works_out_the_shape_from_the_truth_when_not_recorded():
-    task = make_tasks()["m-right-shape"]
-    entry = {"score": 0.0, "tests": [{"attempt_1": grid_to_list((B + 1) % 10), "attempt_2": None, "correct": [False, False]}]}
-    assert task_category(entry, task) == "right shape"
-    assert task_category(entry, None) == "wrong shape"
-    assert task_category({"score": None}) == "unscored"
-    assert set(CATEGORIES) >= {task_category({"score": s}) for s in (1.0, 0.5)}
+def test_task_category_is_read_from_what_scoring_recorded():
+    """Every category, from the results eval.py's path builds; the report never scores again, so a
+    results entry without ``shape_ok`` for a task scoring 0 is "wrong shape", whatever the truth."""
+    results = make_results(make_tasks())
+    categories = {tid: task_category(entry) for tid, entry in results["tasks"].items()}
+    assert categories == {"zz-solved": "solved", "p-partial": "partial", "m-right-shape": "right shape",
+                          "a-wrong-shape": "wrong shape", EVIL: "wrong shape", "h-hidden": "unscored"}
+    right = results["tasks"]["m-right-shape"]
+    assert right["tests"][0]["shape_ok"] == [True, True]
+    unrecorded = {**right, "tests": [{k: v for k, v in t.items() if k != "shape_ok"} for t in right["tests"]]}
+    assert task_category(unrecorded) == "wrong shape"
+    assert [task_category({"score": s}) for s in (None, 1.0, 0.5, 0.0)] == ["unscored", "solved", "partial", "wrong shape"]
+    assert set(categories.values()) == set(CATEGORIES)
 
 
 def _paint(svg: str, cell: int) -> np.ndarray:
