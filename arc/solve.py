@@ -26,6 +26,7 @@ import torch
 from arc import augment, vote
 from arc.config import help_field
 from arc.data import Task
+from arc.grid import same_grid
 from arc.tokens import (EOO, MAX_GRID_TOKENS, MIN_ANSWER_TOKENS, NO_GRID_POS, PAD, DoesNotFit, Encoded, LayoutTracker,
                         decode_grid, encode_prompt, grid_tokens)
 
@@ -259,7 +260,7 @@ def solve_task(model: Any, task: Task, cfg: SolveConfig, device: torch.device) -
         a1, a2, info = vote.two_attempts(candidates)
         correct = None
         if pair.output is not None:
-            correct = [a.shape == pair.output.shape and bool(np.array_equal(a, pair.output)) for a in (a1, a2)]
+            correct = [same_grid(a, pair.output) for a in (a1, a2)]
         tests.append(TestPrediction(a1, a2, info, correct))
     return TaskPrediction(task.id, tests, time.time() - t0, generated)
 
