@@ -152,4 +152,35 @@ def test_hybrid_bf16_step_is_close_to_float32_and_decoding_matches_forward():
             logits = m.step(torch.stack([idx[0, 50 + t], idx[1, 41 + t]]), cache)
             assert_close_rel(logits[0], full[0, 50 + t], f"step {t} seq 0")
             assert_close_rel(logits[1], full[1, 41 + t], f"step {t} seq 1")
-    assert F.softmax(logits, -1).sum(-1).allclose(torch.ones(2, device=DEV))
+
+
+def test_hybrid_on_the_kernels_matches_the_hybrid_on_the_reference_path():
+    """The whole model, both ways, on the same weights: full forward (logits and gradients), then
+    prefill and decoding steps; float32, so the only differences are the kernels' own (REL)."""
+    torch.manual_seed(0)
+    m = HybridLM(preset("tiny", chunk_size=64)).to(DEV)
+    idx = torch.randint(0, VOCAB_SIZE, (2, 200), device=DEV)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        m.train()
+        m.zero_grad(set_to_none=True)
+        logits, loss = m(idx, idx)
+        loss.backward()
+        m.eval()
+        with torch.no_grad():
+            cache, step_logits = m.prefill([idx[0, :150], idx[1, :97]], 8)
+            steps = [step_logits]
+            for t in range(8):
+                steps.append(m.step(torch.stack([idx[0, 150 + t], idx[1, 97 + t]]), cache))
+        return logits.detach(), [p.grad.clone() for p in m.parameters()], steps
+
+    assert kernels.use_kernels(idx.float())
+    logits_k, grads_k, steps_k = run()
+    with kernels.reference_path():
+        assert not kernels.use_kernels(idx.float())
+        logits_r, grads_r, steps_r = run()
+    assert_close_rel(logits_k, logits_r, "logits")
+    for (name, _), a, b in zip(m.named_parameters(), grads_k, grads_r):
+        assert_close_rel(a, b, f"grad {name}")
+    for t, (a, b) in enumerate(zip(steps_k, steps_r)):
+        assert_close_rel(a, b, "prefill" if t == 0 else f"step {t}")

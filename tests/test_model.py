@@ -190,10 +190,110 @@ def test_checkpoint_state_dict_loads_strictly_and_reproduces_logits():
     assert not any("rotary" in k for k in ckpt["model"])  # derived buffers are not saved
 
 
-def test_state_dict_is_the_same_whichever_path_is_chosen():
+class FakeKernels:
+    """CPU stand-ins with the signatures and semantics of the fused kernels arc.kernels calls
+    (mamba_ssm's ``mamba_chunk_scan_combined`` and ``selective_state_update``, causal_conv1d's
+    ``causal_conv1d_fn`` and ``causal_conv1d_update``), written independently of the reference
+    twins where that is short, and counting their calls."""
+
+    def __init__(self) -> None:
+        self.calls = {"chunk_scan": 0, "state_update": 0, "conv_fn": 0, "conv_update": 0}
+
+    def kernels(self) -> kernels.Kernels:
+        return kernels.Kernels(True, "fake kernels (tests)", self.chunk_scan, self.state_update, self.conv_fn,
+                               self.conv_update)
+
+    def chunk_scan(self, x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=False, return_final_states=False):
+        self.calls["chunk_scan"] += 1
+        dt = dt.float() + dt_bias.float()
+        dt = F.softplus(dt) if dt_softplus else dt  # (b, l, h)
+        y, state = kernels.ssd_chunked_ref(x.float(), dt, A.float(), B.float(), C.float(), chunk_size)
+        y = (y + D.float()[:, None] * x.float()).to(x.dtype)  # (b, l, h, p)
+        return (y, state) if return_final_states else y
+
+    def state_update(self, state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+        """x (b, h, p), dt (b, h, p), A (h, p, n), B and C (b, g, n), D and dt_bias (h, p)."""
+        self.calls["state_update"] += 1
+        assert z is None
+        dt = dt + dt_bias
+        dt = F.softplus(dt) if dt_softplus else dt  # (b, h, p)
+        heads_per_group = x.shape[1] // B.shape[1]
+        Bh, Ch = B.repeat_interleave(heads_per_group, 1), C.repeat_interleave(heads_per_group, 1)  # (b, h, n)
+        state.copy_(state * torch.exp(dt[..., None] * A) + (dt * x)[..., None] * Bh[:, :, None, :])  # (b, h, p, n)
+        return (state * Ch[:, :, None, :]).sum(-1) + D * x  # (b, h, p)
+
+    def conv_fn(self, x, weight, bias=None, activation=None):
+        """x (b, d, l), weight (d, w) -> (b, d, l)."""
+        self.calls["conv_fn"] += 1
+        y = F.conv1d(F.pad(x, (weight.shape[-1] - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
+        return F.silu(y) if activation == "silu" else y
+
+    def conv_update(self, x, conv_state, weight, bias=None, activation=None):
+        """x (b, d), conv_state (b, d, w - 1) updated in place, weight (d, w) -> (b, d)."""
+        self.calls["conv_update"] += 1
+        window = torch.cat([conv_state, x[..., None]], dim=-1)  # (b, d, w)
+        conv_state.copy_(window[..., 1:])
+        y = (window * weight).sum(-1) + (0 if bias is None else bias)
+        return F.silu(y) if activation == "silu" else y
+
+
+def test_use_kernels_is_the_switch_reference_path_and_force_reference_flip(monkeypatch):
+    """Kernels are taken only when imported, not forced off, and on a CUDA tensor; the switches
+    flip that and restore it, also when the block raises."""
+    class CudaTensor:  # stands for a CUDA tensor: use_kernels reads only .is_cuda
+        is_cuda = True
+
+    monkeypatch.setattr(kernels, "KERNELS", FakeKernels().kernels())
+    monkeypatch.setattr(kernels, "_forced", False)
+    assert kernels.use_kernels(CudaTensor()) and not kernels.use_kernels(torch.zeros(1))
+    with pytest.raises(RuntimeError):
+        with kernels.reference_path():
+            assert not kernels.use_kernels(CudaTensor())
+            raise RuntimeError
+    assert kernels.use_kernels(CudaTensor())
+    kernels.force_reference(True)
+    assert not kernels.use_kernels(CudaTensor())
+    kernels.force_reference(False)
+    assert kernels.use_kernels(CudaTensor())
+    monkeypatch.setattr(kernels, "KERNELS", kernels.Kernels(False, "none"))
+    assert not kernels.use_kernels(CudaTensor())
+
+
+def test_the_kernel_path_code_matches_the_reference_path_with_stand_in_kernels(monkeypatch):
+    """The code arc.kernels runs around the fused kernels (argument order, layouts, the D skip, dt's
+    bias and softplus) checked on a CPU: with stand-ins computing what the kernels compute, the model
+    gives the reference path's logits, gradients and decoding steps; every op took the kernel route
+    outside ``reference_path()`` and none inside; the parameters are the same either way."""
+    fake = FakeKernels()
+    monkeypatch.setattr(kernels, "KERNELS", fake.kernels())
+    monkeypatch.setattr(kernels, "_forced", False)
+    # a CPU tensor is never routed to kernels; here it is, so that the kernel route runs at all
+    monkeypatch.setattr(kernels, "use_kernels", lambda t: kernels.KERNELS.available and not kernels._forced)
+    torch.manual_seed(0)
+    idx = torch.randint(0, VOCAB_SIZE, (2, 40))
+
+    def run() -> tuple[dict, torch.Tensor, dict, list[torch.Tensor]]:
+        m = tiny()
+        logits, loss = m.train()(idx, idx)
+        loss.backward()
+        m.eval()
+        with torch.no_grad():
+            cache, first = m.prefill([idx[0, :30], idx[1, :21]], 5)
+            steps = [first] + [m.step(torch.stack([idx[0, 30 + t], idx[1, 21 + t]]), cache) for t in range(5)]
+        return m.state_dict(), logits.detach(), {n: p.grad for n, p in m.named_parameters()}, steps
+
+    state_k, logits_k, grads_k, steps_k = run()
+    assert all(n > 0 for n in fake.calls.values()), fake.calls
+    calls = dict(fake.calls)
     with kernels.reference_path():
-        keys_ref = {k: v.shape for k, v in tiny().state_dict().items()}
-    assert keys_ref == {k: v.shape for k, v in tiny().state_dict().items()}
+        state_r, logits_r, grads_r, steps_r = run()
+    assert fake.calls == calls  # the reference path touched no kernel
+    assert {k: v.shape for k, v in state_k.items()} == {k: v.shape for k, v in state_r.items()}
+    torch.testing.assert_close(logits_k, logits_r, rtol=1e-4, atol=1e-5)
+    for name, g in grads_r.items():
+        torch.testing.assert_close(grads_k[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(steps_k, steps_r):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_model_mixers_use_mamba_ssm_names_and_shapes():
