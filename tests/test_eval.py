@@ -18,6 +18,7 @@ from arc import checkpoint, evaluate
 from arc.data import load_tasks, task_fingerprint
 from arc.evaluate import JOURNAL, EvalConfig, IncompatibleCheckpoint, load_model, sample_ids, select_tasks
 from arc.model import HybridLM, preset
+from arc.score import score_submission
 from arc.solve import SolveConfig, decode, decode_uncached
 from arc.tokens import EOO, ROW, encode_prompt
 from arc.ttt import TTTConfig
@@ -44,6 +45,25 @@ def read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def solved_by_hand(submission: dict, tasks) -> dict[str, list[bool]]:
+    """The ARC Prize rule written out, apart from arc.score: per task, per test input, whether either
+    attempt equals the true output (shape and every cell)."""
+    return {t.id: [any(np.array_equal(np.array(entry[k]), pair.output) for k in ("attempt_1", "attempt_2"))
+                   for entry, pair in zip(submission[t.id], t.test)] for t in tasks}
+
+
+def check_score_is_the_submissions(out: Path, tasks) -> dict:
+    """results.json's score and per-test correctness equal those of submission.json scored apart:
+    by arc.score.score_submission against the tasks' outputs, and by hand. Returns results.json."""
+    results, sub = read(out / "results.json"), read(out / "submission.json")
+    by_hand = solved_by_hand(sub, tasks)
+    expected = sum(sum(s) / len(s) for s in by_hand.values()) / len(by_hand)
+    assert results["score"] == score_submission(sub, tasks).score == pytest.approx(expected, abs=1e-12)
+    assert {tid: [t["solved"] for t in e["tests"]] for tid, e in results["tasks"].items()} == by_hand
+    assert results["tasks_solved"] == sum(all(s) for s in by_hand.values())
+    return results
+
+
 def test_smoke_checkpoint_then_eval_writes_all_three_outputs_and_its_score_is_the_submissions(smoke_run, tmp_path):
     out = tmp_path / "eval"
     rc = eval_cli.main(["--ckpt", str(smoke_run), "--data", "arc1", "--split", "eval", "--limit", "2",
@@ -55,7 +75,7 @@ def test_smoke_checkpoint_then_eval_writes_all_three_outputs_and_its_score_is_th
     for t in tasks:
         assert len(sub[t.id]) == len(t.test)
         assert all(set(e) == {"attempt_1", "attempt_2"} for e in sub[t.id])
-    results = read(out / "results.json")
+    results = check_score_is_the_submissions(out, tasks)
     assert results["tasks_scored"] == 2 and results["test_inputs"] == sum(len(t.test) for t in tasks)
     run = results["run"]
     assert run["settings"]["solve"]["views"] == 2 and run["model_config"]["d_model"] == tiny().d_model
@@ -173,6 +193,24 @@ def test_the_short_answer_model_answers_in_one_cell(small, tmp_path):
     sub = read(tmp_path / "o" / "submission.json")
     assert len(sub) == 5
     assert all(np.shape(e["attempt_1"]) == (1, 1) for entries in sub.values() for e in entries)
+
+
+def test_results_score_is_the_submissions_score_and_not_zero(tmp_path):
+    """Ten test inputs, all the same 3x3 grid, whose outputs are the ten 1x1 grids [[0]]..[[9]]: the
+    short-answer model answers each with a 1x1 grid, the same for all ten, so one or two of them
+    are right and the score is 0.1 or 0.2, checked against submission.json scored apart."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    grid = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    demos = [{"input": grid, "output": [[c]]} for c in (3, 5)]
+    (folder / "tenfold.json").write_text(json.dumps({"train": demos, "test": [{"input": grid, "output": [[c]]} for c in range(10)]}))
+    write_tasks(folder, n=1)  # and a task it cannot solve: the score is a mean over two tasks
+    ckpt = save_model(short_answer_model(), tmp_path / "m.pt")
+    assert eval_cli.main(eval_args(ckpt, folder, tmp_path / "o")) == 0
+    results = check_score_is_the_submissions(tmp_path / "o", load_tasks(str(folder), "eval"))
+    solved = results["tasks"]["tenfold"]["tests"]
+    assert sum(t["solved"] for t in solved) in (1, 2) and results["score"] == results["tasks"]["tenfold"]["score"] / 2
+    assert results["tasks"]["tenfold"]["score"] == sum(t["solved"] for t in solved) / 10
 
 
 def without_timings(results: dict) -> dict:
