@@ -119,14 +119,19 @@ class ModelConfig:
         return cls(**d)
 
 
+# The 2D channels every preset takes: the learning benchmark (docs/BENCHMARKS.md, "Learning curves")
+# found a 1-D model at 0% on flip_h after 2M tokens where these reach 97%.
+GRID_2D: dict[str, Any] = dict(grid_pos=True, align_input=True, rope="mirror")
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # tests: both layer kinds and the MLP, a few thousand parameters, milliseconds per step
+    # tests: both layer kinds and the MLP, a few thousand parameters, milliseconds per step; 1-D, so model
+    # tests may feed any ids (the smoke training preset adds GRID_2D)
     "tiny": dict(d_model=32, n_layer=4, layer_pattern="MMAM", d_state=16, headdim=16, n_head=2, chunk_size=16,
                  mlp_hidden=64, max_seq_len=512),
     # the default CPU model: ~3.1M parameters, 6 Mamba2 + 2 attention layers
-    "cpu": dict(d_model=256, n_layer=8, layer_pattern="MMMA", d_state=64, headdim=64, n_head=4, chunk_size=64),
+    "cpu": dict(d_model=256, n_layer=8, layer_pattern="MMMA", d_state=64, headdim=64, n_head=4, chunk_size=64, **GRID_2D),
     # one GPU: ~25M parameters, 12 Mamba2 + 4 attention layers, mamba_ssm's chunk size for the kernels
-    "gpu": dict(d_model=512, n_layer=16, layer_pattern="MMMA", d_state=128, headdim=64, n_head=8, chunk_size=256),
+    "gpu": dict(d_model=512, n_layer=16, layer_pattern="MMMA", d_state=128, headdim=64, n_head=8, chunk_size=256, **GRID_2D),
 }
 
 

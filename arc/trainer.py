@@ -30,7 +30,7 @@ from arc.config import help_field, to_dict
 from arc.dist import DistInfo, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from arc.loader import ArcDataLoader, Batch
 from arc.loss import autocast_for, loss_sum, target_count
-from arc.model import HybridLM, ModelConfig
+from arc.model import GRID_2D, HybridLM, ModelConfig
 from arc.text import DEFAULT_ENCODING, TextLoader
 from arc.tokens import PAD
 
@@ -105,12 +105,12 @@ class TrainConfig:
 # A preset is a model preset, overrides of its fields, and training settings; flags given on the
 # command line win over all three.
 PRESETS: dict[str, tuple[str, dict, dict]] = {
-    "smoke": ("tiny", dict(max_seq_len=4096), dict(steps=12, batch_size=4, max_tokens=8192, warmup=2, lr=3e-3, log_every=2, val_every=6,
+    "smoke": ("tiny", dict(max_seq_len=4096, **GRID_2D), dict(steps=12, batch_size=4, max_tokens=8192, warmup=2, lr=3e-3, schedule="wsd", log_every=2, val_every=6,
                            val_batches=2, save_every=6, val_fraction=0.05)),
     "cpu": ("cpu", {}, dict(steps=1000, batch_size=16, max_tokens=8192, tokens_per_step=8192, grad_accum=8,
-                        warmup=50, lr=2e-3)),
+                        warmup=50, lr=2e-3, schedule="wsd")),
     "gpu": ("gpu", {}, dict(steps=20000, batch_size=16, max_tokens=65536, tokens_per_step=131072, grad_accum=16,
-                        warmup=500, lr=6e-4, compile=True, val_every=500, save_every=500)),
+                        warmup=500, lr=6e-4, schedule="wsd", compile=True, val_every=500, save_every=500)),
 }
 
 
