@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import emit, header, load_note, mfu_cell, peak_for  # first: puts the checkout's arc/ first
+from common import emit, header, load_note, mfu_cell, peak_for, timing_pos  # first: puts the checkout's arc/ first
 from arc import kernels
 from arc.data import load_tasks
 from arc.loader import ArcDataLoader
@@ -159,7 +159,7 @@ def _one_memory_step(batch: int, accumulate: bool) -> dict:
     for repeats, b in micro:
         for _ in range(repeats):
             x = torch.randint(0, 10, (b, 4096), device=device)
-            logits, _ = model(x)
+            logits, _ = model(x, pos=timing_pos(model, x))
             loss_sum(logits, x).backward()
     opt.step()
     dt = time.perf_counter() - t0
@@ -210,7 +210,7 @@ def cmd_length(args) -> str:
             for name, model in built.items():
                 t0 = time.perf_counter()
                 with autocast_for(dtype, device):
-                    logits, _ = model(x)
+                    logits, _ = model(x, pos=timing_pos(model, x))
                 loss_sum(logits, x).backward()
                 model.zero_grad(set_to_none=True)
                 if r:
@@ -254,7 +254,7 @@ def cmd_mfu(args) -> str:
         t0 = time.perf_counter()
         with kernels.reference_path() if forced else contextlib.nullcontext():
             with autocast_for(dtype, device):
-                logits, _ = model(x)
+                logits, _ = model(x, pos=timing_pos(model, x))
             (loss_sum(logits, y) / y.numel()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

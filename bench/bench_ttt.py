@@ -42,7 +42,8 @@ def test_output_fit(model, task: data.Task, device: torch.device) -> tuple[float
         enc = encode_instance(task.demos, pair.input, pair.output, targets="test")
         x = torch.as_tensor(enc.ids[None, :-1], device=device)
         y = torch.as_tensor(np.where(enc.target[1:], enc.ids[1:], IGNORE_INDEX)[None], device=device)
-        logits, _ = model(x)
+        pos = torch.as_tensor(enc.x_pos()[None], device=device) if model.cfg.uses_positions else None  # (1, L, N_POS)
+        logits, _ = model(x, pos=pos)
         total += float(loss_sum(logits, y))
         mask = y != IGNORE_INDEX
         right += int((logits.argmax(-1)[mask] == y[mask]).sum())

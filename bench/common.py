@@ -47,6 +47,15 @@ def mfu_cell(flops_per_token: float, tokens_per_s: float, peak: Peak, dtype: str
     return f"{best:.1%} ({own:.1%} of the {dtype} peak)"
 
 
+def timing_pos(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """2D position channels for a timing run on random ids x (B, T): the channels of BOS/PAD everywhere,
+    since a step's cost does not depend on their values; None for a model without them."""
+    from arc.tokens import NO_GRID_POS
+    if not model.cfg.uses_positions:
+        return None
+    return torch.tensor(NO_GRID_POS, dtype=torch.long, device=x.device).repeat(*x.shape, 1)  # (B, T, N_POS)
+
+
 def emit(text: str, md: str | None) -> None:
     """Print a result and append it to a markdown file if one is named."""
     print(text)
