@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import eval as eval_cli
+import train as train_cli
 from arc import checkpoint, trainer
 from arc.data import load_tasks
 from arc.model import preset
@@ -169,3 +171,16 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     one = checkpoint.load(tmp_path / "one")["model"]
     two = checkpoint.load(tmp_path / "two")["model"]
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+
+
+def test_boolean_flags_work_bare_or_with_a_value():
+    cfg, _ = train_cli.parse_args(["--out", "r", "--resume", "--augment", "false", "--eval_demos"])
+    assert (cfg.resume, cfg.augment, cfg.eval_demos) == (True, False, True)
+    cfg, model = train_cli.parse_args(["--out", "r", "--resume", "true", "--grid_pos", "--compile", "false"])
+    assert (cfg.resume, model.grid_pos, cfg.compile) == (True, True, False)
+    assert train_cli.parse_args(["--out", "r", "--resume"])[0].resume  # bare, last on the line
+    with pytest.raises(SystemExit):
+        train_cli.parse_args(["--augment", "maybe"])
+    # eval.py's flags come from the same helper
+    assert eval_cli.parse_args(["--ckpt", "c", "--skip_bad", "--out", "o"])[0].skip_bad
+    assert not eval_cli.parse_args(["--ckpt", "c", "--out", "o", "--skip-bad", "false"])[0].skip_bad
