@@ -1,8 +1,8 @@
 """Training: the config, the data it names, the leakage guard, and the loop (one process or DDP).
 
 ``train(cfg, model_cfg)`` is what ``train.py`` calls; tests call it too. The loop reads top to
-bottom: occasional validation / solve check, the optimizer step over accumulated micro-batches,
-one log line, an occasional checkpoint.
+bottom: occasional validation / solve check, the optimizer step over accumulated micro-batches
+(:func:`accumulate_gradients`), one log line, an occasional checkpoint.
 
 Loss normalisation: every micro-batch contributes the *sum* of its target-token losses; after the
 last micro-batch the gradients are divided by the number of target tokens of the whole optimizer
@@ -71,7 +71,7 @@ class TrainConfig:
     grad_clip: float = help_field(1.0, "clip the gradient norm to this (0: off)")
     # system
     device: str = help_field("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16"] = help_field("auto", "autocast dtype: auto is bfloat16 on CUDA, float32 on CPU")
+    dtype: Literal["auto", "float32", "bfloat16"] = help_field("auto", "autocast dtype: auto is bfloat16 on CUDA; on a CPU, bfloat16 where a start-up probe measures its bf16 matmul clearly faster than float32 (arc/loss.py), else float32")
     compile: bool = help_field(False, "torch.compile the model")
     seed: int = help_field(1337, "seed of the weights, the held-out split and the data order")
     # run directory, logs, checkpoints
@@ -231,6 +231,57 @@ def validation_loss(model: HybridLM, batches: list[Batch], cfg: TrainConfig, dev
     return total / max(count, 1)
 
 
+@dataclass
+class StepTotals:
+    """What one optimizer step's micro-batches added up to."""
+
+    loss: float  # mean loss per target token, over the step's micro-batches on all ranks
+    micro_batches: int  # on this rank
+    real_tokens: float  # non-padding input tokens, all ranks
+    padded_tokens: float  # input tokens with padding, all ranks
+
+
+def accumulate_gradients(model: torch.nn.Module, raw_model: HybridLM, next_batch: Callable[[], Batch],
+                         cfg: TrainConfig, info: DistInfo, *, arc_tokens: bool = True) -> StepTotals:
+    """Forward and backward over one optimizer step's micro-batches: ``cfg.grad_accum`` of them, or
+    fewer once ``cfg.tokens_per_step`` real tokens over all ranks are reached. Each micro-batch adds
+    the *sum* of its target-token losses; at the end the gradients of ``raw_model`` are divided by
+    the step's target count over all ranks, so they are those of the mean loss per target token of
+    the whole step however it was split. ``model`` is ``raw_model`` or its DDP / compiled wrapper;
+    ``arc_tokens``: real tokens are the non-PAD ones (False for text, where every token is real)."""
+    device = info.device
+    local_loss, local_targets, local_real, local_padded = 0.0, 0, 0, 0
+    global_real, micro = 0.0, 0
+    while True:
+        x, y, pos = next_batch().to(device)  # (B, T), (B, T), (B, T, N_POS) or None
+        micro += 1
+        n_real = int((x != PAD).sum()) if arc_tokens else x.numel()
+        if cfg.tokens_per_step:
+            global_real += all_reduce_sum(n_real, info)
+            last = global_real >= cfg.tokens_per_step or micro >= cfg.grad_accum
+        else:
+            last = micro >= cfg.grad_accum
+        sync = contextlib.nullcontext() if last or not info.is_distributed else model.no_sync()
+        with sync:
+            with autocast_for(cfg.dtype, device):
+                logits, _ = model(x, pos=pos)  # (B, T, V)
+            batch_loss = loss_sum(logits, y)
+            batch_loss.backward()
+        local_loss += float(batch_loss.detach())
+        local_targets += target_count(y)
+        local_real += n_real
+        local_padded += x.numel()
+        if last:
+            break
+    targets = all_reduce_sum(local_targets, info)
+    scale = info.world_size / max(targets, 1)  # DDP averaged the gradient sums over ranks
+    for p in raw_model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    return StepTotals(all_reduce_sum(local_loss, info) / max(targets, 1), micro,
+                      all_reduce_sum(local_real, info), all_reduce_sum(local_padded, info))
+
+
 def memory_mb(device: torch.device) -> float:
     """Peak accelerator memory, or this process's peak resident memory on CPU."""
     if device.type == "cuda":
@@ -333,36 +384,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        local_loss, local_targets, local_real, local_padded = 0.0, 0, 0, 0
-        global_real, micro = 0.0, 0
-        max_micro = cfg.grad_accum
-        while True:
-            x, y, pos = bundle.train.next_batch().to(device)  # (B, T), (B, T), (B, T, N_POS) or None
-            micro += 1
-            n_real = int((x != PAD).sum()) if bundle.vocab_size is None else x.numel()
-            if cfg.tokens_per_step:
-                global_real += all_reduce_sum(n_real, info)
-                last = global_real >= cfg.tokens_per_step or micro >= max_micro
-            else:
-                last = micro >= max_micro
-            sync = contextlib.nullcontext() if last or not info.is_distributed else model.no_sync()
-            with sync:
-                with autocast_for(cfg.dtype, device):
-                    logits, _ = model(x, pos=pos)  # (B, T, V)
-                batch_loss = loss_sum(logits, y)
-                batch_loss.backward()
-            local_loss += float(batch_loss.detach())
-            local_targets += target_count(y)
-            local_real += n_real
-            local_padded += x.numel()
-            if last:
-                break
-        targets = all_reduce_sum(local_targets, info)
-        loss = all_reduce_sum(local_loss, info) / max(targets, 1)
-        scale = info.world_size / max(targets, 1)  # DDP averaged the gradient sums over ranks
-        for p in raw_model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        totals = accumulate_gradients(model, raw_model, bundle.train.next_batch, cfg, info,
+                                      arc_tokens=bundle.vocab_size is None)
+        loss = totals.loss
         grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             if log_file:
@@ -380,11 +404,10 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
             on_step(step, loss)
 
         # -- log line ---------------------------------------------------------------------------
-        real = all_reduce_sum(local_real, info)
-        padded = all_reduce_sum(local_padded, info)
+        real = totals.real_tokens
         if info.is_main and (step % cfg.log_every == 0 or step == end - 1 or len(row) > 1):
-            row.update(loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=real / dt, real_share=real / padded,
-                       micro_batches=micro, memory_mb=memory_mb(device), elapsed=time.time() - t_start,
+            row.update(loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=real / dt,
+                       real_share=real / totals.padded_tokens, micro_batches=totals.micro_batches, memory_mb=memory_mb(device), elapsed=time.time() - t_start,
                        epoch=bundle.train.epoch)
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()

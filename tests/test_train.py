@@ -1,9 +1,11 @@
 """train.py and arc.trainer: the loop, exact resumption, divergence, leakage guard, DDP, text, plots."""
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,13 @@ import torch
 
 import eval as eval_cli
 import train as train_cli
-from arc import checkpoint, trainer
+from arc import checkpoint, loss, trainer
 from arc.data import load_tasks
-from arc.model import preset
-from arc.trainer import OverlapError, TrainConfig, TrainingDiverged, guard_overlap, lr_at, train
+from arc.dist import DistInfo
+from arc.loader import ArcDataLoader, Batch
+from arc.model import HybridLM, preset
+from arc.tokens import IGNORE_INDEX
+from arc.trainer import OverlapError, TrainConfig, TrainingDiverged, accumulate_gradients, guard_overlap, lr_at, train
 
 
 def tiny():
@@ -184,3 +189,84 @@ def test_boolean_flags_work_bare_or_with_a_value():
     # eval.py's flags come from the same helper
     assert eval_cli.parse_args(["--ckpt", "c", "--skip_bad", "--out", "o"])[0].skip_bad
     assert not eval_cli.parse_args(["--ckpt", "c", "--out", "o", "--skip-bad", "false"])[0].skip_bad
+
+
+def test_dtype_help_tells_what_auto_does_on_a_cpu():
+    (dtype,) = [f for f in dataclasses.fields(TrainConfig) if f.name == "dtype"]
+    assert "probe" in dtype.metadata["help"] and "float32 on CPU" not in dtype.metadata["help"]
+    assert typing.get_args(typing.get_type_hints(TrainConfig)["dtype"]) == loss.DTYPES
+
+
+# ---- the loss and gradient accumulation ------------------------------------------------------------
+def test_loss_sum_matches_a_hand_computation():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.5], [-1.0, 3.0, 1.0]]])  # (B=1, T=3, V=3)
+    y = torch.tensor([[0, IGNORE_INDEX, 2]])  # the middle position is off target (padding, prompt)
+
+    def nll(row: list[float], target: int) -> float:  # -log softmax(row)[target]
+        return math.log(sum(math.exp(v) for v in row)) - row[target]
+
+    expected = nll([2.0, 0.0, -1.0], 0) + nll([-1.0, 3.0, 1.0], 2)  # 0.1698 + 2.1698 = 2.3395...
+    assert trainer.loss_sum is loss.loss_sum  # the loss the loop uses
+    assert loss.loss_sum(logits, y).item() == pytest.approx(expected, rel=1e-6)
+    assert loss.target_count(y) == 2
+    assert loss.mean_loss(logits, y).item() == pytest.approx(expected / 2, rel=1e-6)
+    assert loss.loss_sum(logits.bfloat16(), y).dtype == torch.float32
+    nothing = torch.full_like(y, IGNORE_INDEX)
+    assert loss.loss_sum(logits, nothing).item() == 0.0 and loss.mean_loss(logits, nothing).item() == 0.0
+
+
+def test_padding_adds_nothing_to_the_loss():
+    """A padded batch's loss sum equals the sum over its sequences run alone, unpadded."""
+    from arc.synthetic import make_tasks
+
+    torch.manual_seed(0)
+    model = HybridLM(tiny()).eval()
+    x, y, pos = ArcDataLoader(make_tasks(6, seed=1), batch_size=6, train=False, bucket=False).next_batch()
+    lengths = (y != IGNORE_INDEX).cumsum(1).argmax(1) + 1  # up to each sequence's last target
+    assert len(set(lengths.tolist())) > 1  # the batch does pad
+    with torch.no_grad():
+        padded = loss.loss_sum(model(x, pos=pos)[0], y).item()
+        alone = sum(loss.loss_sum(model(x[i : i + 1, :n], pos=pos[i : i + 1, :n])[0], y[i : i + 1, :n]).item()
+                    for i, n in enumerate(lengths.tolist()))
+    assert padded == pytest.approx(alone, rel=1e-5)
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_one_batch():
+    """Two micro-batches of 2 sequences = one batch of the same 4 (float32, rtol 1e-5, atol 1e-7)."""
+    from arc.synthetic import make_tasks
+
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    x, y, pos = ArcDataLoader(make_tasks(4, seed=2), batch_size=4, train=False, bucket=False).next_batch()
+    halves = [Batch(x[:2], y[:2], pos[:2]), Batch(x[2:], y[2:], pos[2:])]
+    assert loss.target_count(halves[0].y) != loss.target_count(halves[1].y)  # so a mean of means would differ
+    torch.manual_seed(0)
+    model = HybridLM(tiny())
+
+    def run(batches: list[Batch], **kw) -> tuple[trainer.StepTotals, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        stream = iter(batches)
+        totals = accumulate_gradients(model, model, lambda: next(stream), TrainConfig(dtype="float32", **kw), info)
+        return totals, grads(model)
+
+    one, g_one = run([Batch(x, y, pos)], grad_accum=1)
+    two, g_two = run(halves, grad_accum=2)
+    assert (one.micro_batches, two.micro_batches) == (1, 2)
+    assert two.loss == pytest.approx(one.loss, rel=1e-6)
+    with torch.no_grad():
+        assert one.loss == pytest.approx(loss.mean_loss(model(x, pos=pos)[0], y).item(), rel=1e-6)
+    assert g_one.keys() == g_two.keys() and len(g_one) > 10
+    for name in g_one:
+        torch.testing.assert_close(g_two[name], g_one[name], rtol=1e-5, atol=1e-7, msg=name)
+    # the check can fail: the mean of the two micro-batch means is another gradient
+    model.zero_grad(set_to_none=True)
+    for b in halves:
+        (loss.mean_loss(model(b.x, pos=b.pos)[0], b.y) / 2).backward()
+    assert any(not torch.allclose(p.grad, g_one[n], rtol=1e-3, atol=1e-6) for n, p in model.named_parameters()
+               if p.grad is not None)
+    # --tokens_per_step ends the step as soon as it has that many real tokens
+    few, _ = run(halves, grad_accum=2, tokens_per_step=1)
+    assert few.micro_batches == 1
