@@ -7,7 +7,8 @@ One GPU (bf16 autocast, fused Mamba kernels when mamba-ssm is installed):
     python train.py --preset gpu --out runs/gpu
 Several GPUs (DDP; gloo on CPU processes works too):
     torchrun --standalone --nproc_per_node 4 train.py --preset gpu --out runs/gpu4
-Resume an interrupted run exactly where its latest checkpoint left it:
+Resume an interrupted run exactly where its latest checkpoint left it (an --out that holds a run
+is refused without --resume, or --overwrite to start it afresh):
     python train.py --preset cpu --out runs/cpu --resume
 Other data: --data arc2 | path/to/tasks/ | path/to/x_challenges.json | synthetic:5000 | text:input.txt
 (comma-separate ARC sources to combine them). Plot runs: python -m arc.plot runs/a runs/b --out loss.png

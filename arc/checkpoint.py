@@ -3,8 +3,10 @@
 A checkpoint is one ``torch.save`` dict: ``model`` (state dict of the unwrapped module), ``model_config``
 and ``train_config`` (plain dicts), ``optimizer``, ``step``, ``loader`` (its state), ``rng`` (torch CPU
 and CUDA generator states), ``best_val``, ``val_loss`` and ``train_fingerprints`` (the sorted content
-fingerprints, :func:`arc.data.task_fingerprint`, of the tasks trained on, so evaluation can warn
-about tasks the model has seen). It is written through :mod:`arc.files` (a temporary file beside it,
+fingerprints, :func:`arc.data.task_fingerprint`, of the tasks trained on, test outputs included:
+not the held-out validation tasks, nor ``--eval_demos``' leave-one-out tasks, which never hold an
+evaluation test output; so evaluation can warn about tasks the model has seen). The training
+config of an older checkpoint is read through :func:`arc.trainer.saved_train_config`. It is written through :mod:`arc.files` (a temporary file beside it,
 renamed over the old one), so a kill at any moment leaves the previous checkpoint whole; the
 temporary file a kill leaves behind is removed by the next save or load in that folder.
 """

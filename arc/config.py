@@ -2,6 +2,8 @@
 
 A field's help lives in ``field(metadata={"help": ...})``. Flags default to "not given", so an
 entry point can layer its values: the dataclass defaults, then a preset, then what the user typed.
+A bool field's flag works bare (``--resume`` is ``--resume true``) and takes an explicit value too
+(``--augment false``).
 """
 from __future__ import annotations
 
@@ -58,14 +60,17 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, title: str, skip: tupl
         choices = list(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else None
         default = f.default if f.default is not dataclasses.MISSING else None
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        metavar = "true|false" if tp is bool else f.name.upper() if choices is None else None
+        bare = dict(nargs="?", const=True) if tp is bool else {}  # a bare --flag is --flag true
         group.add_argument(
             *names,
             dest=f.name,
             type=_converter(tp),
             choices=choices,
             default=argparse.SUPPRESS,
-            metavar=f.name.upper() if choices is None else None,
+            metavar=metavar,
             help=f"{f.metadata.get('help', '')} (default: {default})",
+            **bare,
         )
 
 
@@ -89,11 +94,3 @@ def to_dict(obj: Any) -> dict[str, Any]:
     """A config as a plain dict (for checkpoints and JSON)."""
     return dataclasses.asdict(obj)
 
-
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a config; unknown keys are an error that names them (a config from another version)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
-    return cls(**data)

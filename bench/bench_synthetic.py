@@ -38,7 +38,7 @@ def main() -> None:
                 val_every=0, save_every=0, log_every=10)
     # time a few steps (after the first) to pick the step count that fits the budget
     stamps: list[float] = []
-    train(TrainConfig(**{**base, "out": args.out + "-probe", "steps": 6, "progress": False}), preset(args.model),
+    train(TrainConfig(**{**base, "out": args.out + "-probe", "steps": 6, "progress": False, "overwrite": True}), preset(args.model),
           on_step=lambda step, loss: stamps.append(time.time()))
     per_step = (stamps[-1] - stamps[1]) / (len(stamps) - 2)
     steps = max(10, int(args.minutes * 60 / per_step))
