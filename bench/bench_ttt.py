@@ -1,6 +1,6 @@
 """What test-time training buys: one checkpoint, the same tasks, several TTT budgets.
 
-    python bench/bench_ttt.py --ckpt runs/cpu [--tasks 12] [--pick shortest|first] [--budgets 0,8,32]
+    python bench/bench_ttt.py --ckpt runs/cpu [--tasks 12] [--pick shortest|first|sample] [--seed 0] [--budgets 0,8,32]
                               [--views 8] [--ttt_batch 4] [--ttt_lr 3e-4] [--md docs/BENCHMARKS.md]
 
 For each budget (0 = no TTT) and each task: fine-tune on the task's demonstrations (arc.ttt), then
@@ -11,7 +11,8 @@ Reports per budget: official score (pass@2), tasks solved, attempts of the right
 test-output loss and token accuracy, and seconds per task (fine-tuning + solving).
 
 --pick shortest takes the tasks with the fewest tokens (demonstrations + test pairs), so a CPU
-can afford several budgets; --pick first takes the first ones by id, as eval.py --limit does.
+can afford several budgets; --pick first takes the first ones by id, as eval.py --limit does;
+--pick sample takes eval.py's --sample N --seed S draw (an unselected fixed subset, the same tasks).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 
 from common import emit, header
 from arc import data, score
-from arc.evaluate import load_model
+from arc.evaluate import load_model, select_tasks
 from arc.solve import SolveConfig, solve_task, submission_of
 from arc.tokens import IGNORE_INDEX, encode_instance, pair_length
 from arc.loss import loss_sum
@@ -57,7 +58,8 @@ def main() -> None:
     ap.add_argument("--data", default="arc1")
     ap.add_argument("--split", default="eval")
     ap.add_argument("--tasks", type=int, default=12)
-    ap.add_argument("--pick", choices=["shortest", "first"], default="shortest")
+    ap.add_argument("--pick", choices=["shortest", "first", "sample"], default="shortest")
+    ap.add_argument("--seed", type=int, default=0, help="--pick sample: eval.py's --seed")
     ap.add_argument("--budgets", default="0,8,32")
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--ttt_batch", type=int, default=4)
@@ -70,6 +72,8 @@ def main() -> None:
     tasks = [t for t in data.load_tasks(args.data, args.split) if all(p.output is not None for p in t.test)]
     if args.pick == "shortest":
         tasks = sorted(tasks, key=lambda t: (task_tokens(t), t.id))
+    if args.pick == "sample":
+        tasks, _ = select_tasks(tasks, sample=args.tasks, seed=args.seed)
     tasks = tasks[: args.tasks]
     solve_cfg = SolveConfig(views=args.views)
     rows = []
@@ -98,9 +102,9 @@ def main() -> None:
         rows.append((steps, result.score, result.tasks_solved, shaped, sum(len(t.test) for t in tasks), loss / count,
                      right / count, fit_seconds / len(tasks), seconds / len(tasks)))
 
-    picked = "fewest tokens" if args.pick == "shortest" else "first by id"
-    lines = [header(f"python bench/bench_ttt.py --ckpt {args.ckpt} --tasks {args.tasks} --pick {args.pick} "
-                    f"--budgets {args.budgets} --views {args.views} --ttt_batch {args.ttt_batch} --ttt_lr {args.ttt_lr}"),
+    picked = {"shortest": "fewest tokens", "first": "first by id", "sample": f"eval.py --sample {args.tasks} --seed {args.seed}"}[args.pick]
+    lines = [header(f"python bench/bench_ttt.py --ckpt {args.ckpt} --tasks {args.tasks} --pick {args.pick}"
+                    + (f" --seed {args.seed}" if args.pick == "sample" else "") + f" --budgets {args.budgets} --views {args.views} --ttt_batch {args.ttt_batch} --ttt_lr {args.ttt_lr}"),
              f"{len(tasks)} {args.data} {args.split} tasks ({picked}): {', '.join(t.id for t in tasks)}. "
              f"{model.num_params() / 1e6:.2f}M parameters, {args.views} views, TTT batch {args.ttt_batch}, lr {args.ttt_lr}.", "",
              "| TTT steps | score (pass@2) | tasks solved | attempts of the right shape | test-output loss | token accuracy | TTT s/task | total s/task |",
