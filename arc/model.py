@@ -8,7 +8,8 @@ compute path it takes is decided in :mod:`arc.kernels`. The model knows nothing 
 vocabulary size.
 
 Precision: parameters are float32; under bf16 autocast the matrix multiplies run in bf16 while the
-residual stream, the norms, the scan's decays and ``A_log``/``D``/``dt_bias`` stay float32.
+residual stream, the norms, the scan's decays and ``A_log``/``D``/``dt_bias`` stay float32; cached
+decoding (``prefill``/``step``) also keeps its output head in float32.
 """
 from __future__ import annotations
 
@@ -581,7 +582,7 @@ class HybridLM(nn.Module):
                 if layers[li] is None:  # allocate the batched state on first sight of its dtype
                     layers[li] = _empty_like_state(state, batch, capacity)
                 _put_state(layers[li], state, rows)
-            logits[rows] = self.lm_head(self.norm_f(x[:, -1])).float()  # (G, V)
+            logits[rows] = self._next_logits(x[:, -1])  # (G, V)
             if tokens is not None:
                 tokens[rows, :length] = idx
         return InferenceCache(layers, lengths, capacity, tokens), logits
@@ -612,7 +613,14 @@ class HybridLM(nn.Module):
         for block, state in zip(self.layers, cache.layers):
             x = block.step(x, state, cache.lengths, pos)
         cache.lengths = cache.lengths + 1
-        return self.lm_head(self.norm_f(x)).float()  # (B, V)
+        return self._next_logits(x)  # (B, V)
+
+    def _next_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoding's next-token logits from the last residual x (B, C): the final norm and the head in
+        float32 even under autocast, so that the argmax between two near-equal logits does not hang on
+        bf16's rounding of the last product (the head is V x C, a negligible share of a step)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.lm_head(self.norm_f(x).float())  # (B, V) float32
 
 
 def _empty_like_state(state: MambaState | KVCache, batch: int, capacity: int) -> MambaState | KVCache:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from arc import augment, vote
 from arc.config import help_field
 from arc.data import Task
 from arc.grid import same_grid
+from arc.loss import DTYPES, autocast_for
 from arc.tokens import (EOO, MAX_GRID_TOKENS, MIN_ANSWER_TOKENS, NO_GRID_POS, PAD, DoesNotFit, Encoded, LayoutTracker,
                         decode_grid, encode_prompt, grid_tokens)
 
@@ -40,8 +41,14 @@ class SolveConfig:
     temperature: float = help_field(0.0, "0 = greedy; > 0 samples")
     samples: int = help_field(1, "decodes per view when sampling (best-of-n by vote)")
     seed: int = help_field(0, "seed of the colour-permutation views and of sampling")
+    dtype: Literal["auto", "float32", "bfloat16"] = help_field(
+        "auto", "autocast dtype of decoding (and of test-time training), as train.py's --dtype: auto is bfloat16 on "
+                "CUDA and on a CPU whose bf16 matmul a start-up probe measures clearly faster (arc/loss.py), else "
+                "float32; weights, residual stream, norms and the output logits stay float32")
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.views < 1:
             raise ValueError(f"--views must be >= 1, got {self.views}")
         if self.samples < 1:
@@ -90,15 +97,29 @@ def decode(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     max_new_tokens: int = MAX_GRID_TOKENS,
+    dtype: str = "float32",
 ) -> list[tuple[list[int], float]]:
     """Constrained decoding of a batch of prompts (from :func:`arc.tokens.encode_prompt`): each one's
     generated ids (through EOO) and the model's mean log-probability per generated token (from its
     unconstrained distribution). Each answer ends within :func:`answer_budgets`; a prompt whose budget
-    cannot hold a 1x1 grid is an error (the solver never sends one)."""
-    n = len(prompts)
+    cannot hold a 1x1 grid is an error (the solver never sends one).
+
+    The prefill and every step run under :func:`arc.loss.autocast_for` ``dtype`` (float32: no
+    autocast, today's reference path); the mask, the argmax/sampling and the log-probabilities
+    always work on float32 logits."""
     budgets = answer_budgets(model, prompts, max_new_tokens)
     if min(budgets) < MIN_ANSWER_TOKENS:
         raise ValueError(f"decode: a prompt leaves {min(budgets)} tokens for its answer (a grid needs {MIN_ANSWER_TOKENS})")
+    # One autocast context for the prefill and all steps: autocast keeps its bf16 copies of the
+    # weights until the outermost context exits, so they are cast once per batch, not once per token.
+    with autocast_for(dtype, device):
+        return _decode_loop(model, prompts, budgets, device, temperature, generator)
+
+
+def _decode_loop(model: Any, prompts: Sequence[Encoded], budgets: list[int], device: torch.device,
+                 temperature: float, generator: torch.Generator | None) -> list[tuple[list[int], float]]:
+    """:func:`decode`'s work, under its autocast context (the model returns float32 logits)."""
+    n = len(prompts)
     longest = max(len(p.ids) for p in prompts)
     room = max(len(p.ids) + b for p, b in zip(prompts, budgets)) - longest  # the cache's slots beyond the longest prompt
     cache, logits = model.prefill([torch.as_tensor(p.ids, dtype=torch.long, device=device) for p in prompts], room,
@@ -240,7 +261,8 @@ def solve_task(model: Any, task: Task, cfg: SolveConfig, device: torch.device) -
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
     for start in range(0, len(runnable), cfg.batch):
         chunk = runnable[start : start + cfg.batch]
-        for job, res in zip(chunk, decode(model, [j.prompt for j in chunk], device, temperature=cfg.temperature, generator=generator)):
+        for job, res in zip(chunk, decode(model, [j.prompt for j in chunk], device, temperature=cfg.temperature,
+                                         generator=generator, dtype=cfg.dtype)):
             job.result = res
     generated = sum(len(j.result[0]) for j in runnable)
 
