@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_flags(p, EvalConfig, "evaluation (one of --ckpt or --submission; --out)")
     config.add_flags(p, SolveConfig, "solving", skip=("seed",))  # one --seed, from EvalConfig, for all three
-    config.add_flags(p, TTTConfig, "test-time training (off unless --ttt_steps > 0)", skip=("seed",))
+    config.add_flags(p, TTTConfig, "test-time training (off unless --ttt_steps > 0)", skip=("seed", "dtype"))  # --dtype: SolveConfig's, for both
     return p
 
 

@@ -40,6 +40,7 @@ from arc import checkpoint, data, kernels, sources
 from arc.config import help_field
 from arc.dist import pick_device
 from arc.files import atomic_write_text
+from arc.loss import resolve_dtype
 from arc.model import HybridLM, ModelConfig
 from arc.report import write_report
 from arc.score import (
@@ -317,7 +318,10 @@ def evaluate(cfg: EvalConfig, solve_cfg: SolveConfig, ttt_cfg: TTTConfig | None 
     ttt_cfg = ttt_cfg if ttt_cfg is not None and ttt_cfg.enabled else None
     dev = pick_device(cfg.device)
     model, saved = load_model(cfg.ckpt, dev, cfg.which)
-    log.info("%s on %s; %s", saved["path"], dev, kernels.describe())
+    dtype = resolve_dtype(solve_cfg.dtype, dev)  # decoding's; results.json's run records it
+    ttt_dtype = None if ttt_cfg is None else resolve_dtype(ttt_cfg.dtype, dev)
+    log.info("%s on %s; %s; decoding in %s (--dtype %s)%s", saved["path"], dev, kernels.describe(), dtype,
+             solve_cfg.dtype, "" if ttt_dtype is None else f", test-time training in {ttt_dtype}")
     selection = load_selection(cfg)
     tasks = selection.tasks
     seen = set(seen_in_training(tasks, saved))
@@ -326,7 +330,7 @@ def evaluate(cfg: EvalConfig, solve_cfg: SolveConfig, ttt_cfg: TTTConfig | None 
                     "(marked in results.json and the report): %s", len(seen), len(tasks), ", ".join(sorted(seen)[:20]))
 
     key = {"checkpoint_sha256": file_sha256(saved["path"]), "solve": asdict(solve_cfg),
-           "ttt": None if ttt_cfg is None else asdict(ttt_cfg), "device": dev.type}
+           "ttt": None if ttt_cfg is None else asdict(ttt_cfg), "device": dev.type, "dtype": dtype, "ttt_dtype": ttt_dtype}
     journal = Journal(out, key, overwrite=cfg.overwrite)
     todo = [t for t in tasks if journal.finished(t) is None]
     if len(todo) < len(tasks):
@@ -356,7 +360,7 @@ def evaluate(cfg: EvalConfig, solve_cfg: SolveConfig, ttt_cfg: TTTConfig | None 
     submission = {r["task_id"]: r["entries"] for r in records}
     run = {
         "checkpoint": saved["path"], "checkpoint_step": saved.get("step"), "model_config": saved["model_config"],
-        **_run_record(cfg, selection), "device": str(dev), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        **_run_record(cfg, selection), "device": str(dev), "dtype": dtype, "ttt_dtype": ttt_dtype, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "settings": {"eval": asdict(cfg), "solve": asdict(solve_cfg), "ttt": None if ttt_cfg is None else asdict(ttt_cfg)},
         "seen_in_training": [t.id for t in tasks if t.id in seen],
         "seconds": round(sum(r["seconds"] for r in records), 3),

@@ -505,7 +505,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
                 best_val = val
                 save(checkpoint.BEST, step, val)
         if cfg.solve_every and bundle.held_out and step > 0 and step % cfg.solve_every == 0 and info.is_main:
-            row["solve_rate"] = quick_solve_rate(raw_model, bundle.held_out[: cfg.solve_tasks], device)
+            row["solve_rate"] = quick_solve_rate(raw_model, bundle.held_out[: cfg.solve_tasks], device, cfg.dtype)
 
         # -- the optimizer step over accumulated micro-batches -----------------------------------
         t0 = time.time()
@@ -566,11 +566,12 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
     return TrainResult(run_dir, final_step, losses, val if math.isfinite(val) else None, raw_model)
 
 
-def quick_solve_rate(model: HybridLM, tasks: list[data.Task], device: torch.device) -> float:
-    """Exact-match share of test outputs solved greedily on the original view (a cheap progress signal)."""
+def quick_solve_rate(model: HybridLM, tasks: list[data.Task], device: torch.device, dtype: str = "auto") -> float:
+    """Exact-match share of test outputs solved greedily on the original view (a cheap progress signal),
+    decoded under ``dtype`` (the run's --dtype)."""
     from arc.solve import SolveConfig, solve_tasks
 
-    results = solve_tasks(model, tasks, SolveConfig(views=1), device=device, progress=False)
+    results = solve_tasks(model, tasks, SolveConfig(views=1, dtype=dtype), device=device, progress=False)
     solved = [ok for r in results for ok in r.correct if ok is not None]
     return sum(solved) / max(len(solved), 1)
 

@@ -20,20 +20,21 @@ import math
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from arc import augment, data
 from arc.config import help_field
 from arc.loader import ArcDataLoader
-from arc.loss import autocast_for, mean_loss
+from arc.loss import DTYPES, autocast_for, mean_loss
 from arc.tokens import DoesNotFit, encode_instance
 
 
 @dataclass(frozen=True)
 class TTTConfig:
     """Test-time training; the field names are eval.py's flags (``--ttt_steps`` ...). ``seed`` is
-    eval.py's one ``--seed``."""
+    eval.py's one ``--seed``, ``dtype`` its one ``--dtype``."""
 
     ttt_steps: int = help_field(0, "fine-tuning steps on each task's own demonstrations before predicting it (0: off)")
     ttt_lr: float = help_field(3e-4, "test-time learning rate (constant after a short warmup)")
@@ -45,8 +46,13 @@ class TTTConfig:
     ttt_block_size: int | None = help_field(None, "longest test-time sequence (none: the model's max_seq_len; "
                                                   "never more than it)")
     seed: int = help_field(0, "seed of the augmentations (each task gets its own stream from it)")
+    dtype: Literal["auto", "float32", "bfloat16"] = help_field(
+        "auto", "autocast dtype of the fine-tuning steps (arc.loss.autocast_for); eval.py's one --dtype sets it "
+                "with decoding's")
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         checks = [
             (self.ttt_steps >= 0, "--ttt_steps must be >= 0 (0: no test-time training)", self.ttt_steps),
             (self.ttt_lr > 0 and math.isfinite(self.ttt_lr), "--ttt_lr must be a positive number", self.ttt_lr),
@@ -143,7 +149,7 @@ class TaskFineTuner:
                 for g in self.optimizer.param_groups:
                     g["lr"] = self.cfg.ttt_lr * min(1.0, (step + 1) / max(1, self.cfg.ttt_warmup))
                 x, y, pos = loader.next_batch().to(device)  # (B, T), (B, T), (B, T, N_POS); T <= block_size
-                with autocast_for("auto", device):
+                with autocast_for(self.cfg.dtype, device):
                     logits, _ = self.model(x, pos=pos)  # (B, T, V)
                 loss = mean_loss(logits, y)
                 loss.backward()
