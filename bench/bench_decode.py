@@ -2,7 +2,7 @@
 time of solving ARC-AGI-1 evaluation tasks with 8 views.
 
     python bench/bench_decode.py cache [--prompts 512,2048,3072] [--new 32] [--md docs/BENCHMARKS.md]
-    python bench/bench_decode.py solve --ckpt runs/cpu [--limit 20] [--views 8] [--md ...]
+    python bench/bench_decode.py solve --ckpt runs/cpu [--limit 20] [--views 8] [--dtypes float32,bfloat16] [--md ...]
 
 cache  greedy constrained decoding of --new tokens after a prompt of each length, with the model's
        cache (prefill once, one step per token; arc.solve.decode) and without it (the whole
@@ -10,7 +10,10 @@ cache  greedy constrained decoding of --new tokens after a prompt of each length
        for the default CPU model (random weights: speed does not depend on them; both paths must
        produce the same tokens, which is checked). Timings include the prefill.
 solve  eval.py's solver on the first --limit ARC-AGI-1 evaluation tasks with --views views: seconds
-       per task, extrapolated to all 400 tasks (stated as such).
+       per task, extrapolated to all 400 tasks (stated as such). With several --dtypes (decoding's
+       autocast dtype, SolveConfig.dtype), every task is solved in each dtype in turn, in the same
+       process after one untimed warm-up task per dtype, so a shared machine's load falls on all of
+       them alike; each dtype's speed-up and how many attempt grids equal the first dtype's follow.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 from common import emit, header
 from arc.data import load_tasks
 from arc.evaluate import load_model
+from arc.loss import resolve_dtype
 from arc.model import HybridLM, preset
 from arc.solve import SolveConfig, decode, decode_uncached, solve_tasks
 from arc.tokens import MAX_GRID_TOKENS, Encoded, encode_prompt
@@ -70,15 +74,37 @@ def cmd_solve(args) -> str:
     device = torch.device(args.device)
     model, ckpt = load_model(args.ckpt, device)
     tasks = load_tasks("arc1", "eval")[: args.limit]
-    t0 = time.perf_counter()
-    preds = solve_tasks(model, tasks, SolveConfig(views=args.views), device=device, progress=True)
-    dt = time.perf_counter() - t0
-    tokens = sum(p.generated_tokens for p in preds)
-    lines = [header(f"python bench/bench_decode.py solve --ckpt {args.ckpt} --limit {args.limit} --views {args.views}"),
-             f"Checkpoint `{ckpt['path']}` ({model.num_params() / 1e6:.2f}M parameters) on {device}.", "",
-             "| tasks | views | wall time | s/task | generated tokens/s | all 400 tasks (extrapolated) |", "|---|---|---|---|---|---|",
-             f"| {len(tasks)} | {args.views} | {dt:.0f} s | {dt / len(tasks):.1f} | {tokens / dt:,.0f} | "
-             f"~{dt / len(tasks) * 400 / 60:.0f} min |"]
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    configs = {d: SolveConfig(views=args.views, dtype=d) for d in dtypes}  # validates each name
+    resolved = {d: resolve_dtype(d, device) for d in dtypes}
+    for cfg in configs.values():  # first calls pay for thread pools, allocations and the bf16 probe
+        solve_tasks(model, tasks[:1], cfg, device=device, progress=False)
+    seconds = {d: 0.0 for d in dtypes}
+    preds: dict[str, list] = {d: [] for d in dtypes}
+    for k, task in enumerate(tasks):
+        print(f"task {k + 1}/{len(tasks)} {task.id}", flush=True)
+        for d in dtypes:
+            t0 = time.perf_counter()
+            preds[d] += solve_tasks(model, [task], configs[d], device=device, progress=False)
+            seconds[d] += time.perf_counter() - t0
+
+    def attempts(d: str) -> list[np.ndarray]:
+        return [grid for p in preds[d] for t in p.tests for grid in (t.attempt_1, t.attempt_2)]
+
+    base = dtypes[0]
+    lines = [header(f"python bench/bench_decode.py solve --ckpt {args.ckpt} --limit {args.limit} --views {args.views} "
+                    f"--dtypes {args.dtypes}"),
+             f"Checkpoint `{ckpt['path']}` ({model.num_params() / 1e6:.2f}M parameters) on {device}; "
+             f"{len(tasks)} tasks, {args.views} views, each dtype timed on the same tasks in turn.", "",
+             f"| dtype | wall time | s/task | generated tokens/s | speed-up vs {base} | attempts identical to {base}'s "
+             "| tasks solved | all 400 tasks (extrapolated) |", "|---|---|---|---|---|---|---|---|"]
+    for d in dtypes:
+        dt, tokens = seconds[d], sum(p.generated_tokens for p in preds[d])
+        same = sum(np.array_equal(a, b) for a, b in zip(attempts(d), attempts(base)))
+        solved = sum(all(c is True for c in p.correct) for p in preds[d])
+        name = d if resolved[d] == d else f"{d} ({resolved[d]})"
+        lines.append(f"| {name} | {dt:.0f} s | {dt / len(tasks):.1f} | {tokens / dt:,.0f} | **{seconds[base] / dt:.2f}x** | "
+                     f"{same}/{len(attempts(base))} | {solved}/{len(tasks)} | ~{dt / len(tasks) * 400 / 60:.0f} min |")
     return "\n".join(lines)
 
 
@@ -93,6 +119,8 @@ def main() -> None:
     s.add_argument("--limit", type=int, default=20, help="first N evaluation tasks")
     s.add_argument("--views", type=int, default=8, help="views per test input")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--dtypes", default="auto", help="decoding dtypes to compare, comma-separated (auto, float32, "
+                                                    "bfloat16); speed-ups and identical attempts are against the first")
     for x in (c, s):
         x.add_argument("--md", default=None, help="append the markdown result to this file")
     args = p.parse_args()
