@@ -1,6 +1,7 @@
 """eval.py end to end: train a smoke model, evaluate it, rescore what it wrote; the output folder
 checked first; resume after an interruption; flags from the config dataclasses; bad flags; tasks
-seen in training; --sample; --skip_bad; cached decoding parity."""
+seen in training; --sample; --skip_bad; cached decoding parity; decoding's --dtype."""
+import contextlib
 import dataclasses
 import json
 import os
@@ -14,14 +15,16 @@ import pytest
 import torch
 
 import eval as eval_cli
-from arc import checkpoint, evaluate
-from arc.data import load_tasks, task_fingerprint
+from arc import checkpoint, evaluate, solve
+from arc.data import Pair, Task, load_tasks, task_fingerprint
+from arc.loss import resolve_dtype
 from arc.evaluate import JOURNAL, EvalConfig, IncompatibleCheckpoint, load_model, sample_ids, select_tasks
 from arc.model import HybridLM, preset
 from arc.score import score_submission
 from arc.solve import SolveConfig, decode, decode_uncached
+from arc import augment
 from arc.tokens import EOO, ROW, encode_prompt
-from arc.ttt import TTTConfig
+from arc.ttt import TaskFineTuner, TTTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -325,6 +328,8 @@ def test_flags_come_from_the_config_dataclasses():
                                 "--colour_views", "false", "--skip_bad", "true", "--split", "train"])
     assert cfgs == (EvalConfig(ckpt="c", out="o", seed=5, skip_bad=True, split="train"),
                     SolveConfig(seed=5, views=3, colour_views=False), TTTConfig(seed=5, ttt_steps=4))
+    _, solve_cfg, ttt_cfg = eval_cli.parse_args(["--ckpt", "c", "--out", "o", "--dtype", "bfloat16"])
+    assert solve_cfg.dtype == ttt_cfg.dtype == "bfloat16"  # one --dtype for decoding and test-time training
     dests = {a.dest for a in eval_cli.build_parser()._actions}
     for cls in (EvalConfig, SolveConfig, TTTConfig):
         assert {f.name for f in dataclasses.fields(cls)} <= dests, cls
@@ -446,3 +451,75 @@ def test_outputs_are_created_with_the_users_umask(small, tmp_path):
     names = ["submission.json", "results.json", "report.html", JOURNAL]
     assert {n: stat.S_IMODE((tmp_path / "o" / n).stat().st_mode) for n in names} == {n: 0o644 for n in names}
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted(names)  # no temporary left behind
+
+
+# ---- decoding's --dtype (issue 12: decoding uses training's bf16 fast path) -----------------------
+
+
+def arc_prompts(n: int) -> list:
+    """The test prompts of the first n ARC-AGI-1 evaluation tasks with short demonstrations."""
+    tasks = [t for t in load_tasks("arc1", "eval") if sum(p.input.size + p.output.size for p in t.train) < 600][:n]
+    return [encode_prompt(t.demos, t.test[0].input, block_size=2048) for t in tasks]
+
+
+def test_float32_decoding_is_the_path_without_autocast_bit_for_bit(monkeypatch):
+    """--dtype float32 is the decoder as it was before --dtype: no autocast, the head as forward computes it;
+    the same ids and the same mean log-probabilities, float for float."""
+    torch.manual_seed(0)
+    model = HybridLM(tiny()).eval()
+    prompts = arc_prompts(4)
+    new = decode(model, prompts, CPU, max_new_tokens=40, dtype="float32")
+    monkeypatch.setattr(solve, "autocast_for", lambda dtype, device: contextlib.nullcontext())
+    monkeypatch.setattr(HybridLM, "_next_logits", lambda self, x: self.lm_head(self.norm_f(x)).float())
+    assert decode(model, prompts, CPU, max_new_tokens=40) == new
+
+
+def test_bf16_decoding_writes_the_same_tokens_as_float32_on_random_weights():
+    """12 ARC prompts, 40 tokens each, the tiny model at its random init (near-equal logits: the hard
+    case for bf16): the same tokens; mean log-probabilities within 0.01."""
+    torch.manual_seed(0)
+    model = HybridLM(tiny()).eval()
+    prompts = arc_prompts(12)
+    f32 = decode(model, prompts, CPU, max_new_tokens=40, dtype="float32")
+    bf16 = decode(model, prompts, CPU, max_new_tokens=40, dtype="bfloat16")
+    assert [ids for ids, _ in bf16] == [ids for ids, _ in f32]
+    assert [lp for _, lp in bf16] == pytest.approx([lp for _, lp in f32], abs=1e-2)
+
+
+def test_bf16_decoding_writes_the_same_grids_as_float32_after_fine_tuning():
+    """The tiny model fine-tuned for 60 steps (test-time training, float32) on a flip task's
+    demonstrations (loss 2.77 -> 1.75: it writes grids of the right width, not yet the rule), then its
+    test input decoded under all 8 views in both dtypes: the same tokens, view for view. A fully
+    trained checkpoint's parity is measured by bench/bench_decode.py solve --dtypes (docs/BENCHMARKS.md 6)."""
+    rng = np.random.default_rng(3)
+    grids = [rng.integers(0, 10, size=(3, 4)) for _ in range(5)]
+    task = Task("flip", tuple(Pair(g, np.fliplr(g)) for g in grids[:4]), (Pair(grids[4], np.fliplr(grids[4])),))
+    torch.manual_seed(0)
+    model = HybridLM(tiny())
+    TaskFineTuner(model, TTTConfig(ttt_steps=60, ttt_batch=4, ttt_lr=1e-2, dtype="float32")).fit(task, CPU)
+    model.eval()
+    prompts = []
+    for view in augment.views(8):
+        seen = view.apply_task(task)
+        prompts.append(encode_prompt(seen.demos, seen.test[0].input))
+    f32 = decode(model, prompts, CPU, dtype="float32")
+    bf16 = decode(model, prompts, CPU, dtype="bfloat16")
+    assert [ids for ids, _ in bf16] == [ids for ids, _ in f32]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "auto"])
+def test_eval_records_the_resolved_dtype_and_answers_alike_in_each(small, tmp_path, dtype):
+    ckpt, tasks = small
+    assert eval_cli.main(eval_args(ckpt, tasks, tmp_path / dtype, "--dtype", dtype)) == 0
+    results = read(tmp_path / dtype / "results.json")
+    assert results["run"]["dtype"] == resolve_dtype(dtype, CPU) and results["run"]["settings"]["solve"]["dtype"] == dtype
+    if dtype != "float32":
+        assert eval_cli.main(eval_args(ckpt, tasks, tmp_path / "float32", "--dtype", "float32")) == 0
+        assert read(tmp_path / dtype / "submission.json") == read(tmp_path / "float32" / "submission.json")
+
+
+def test_an_unknown_dtype_is_refused_with_the_flag_named():
+    with pytest.raises(ValueError, match="--dtype must be one of"):
+        SolveConfig(dtype="float16")
+    with pytest.raises(ValueError, match="--dtype must be one of"):
+        TTTConfig(dtype="half")

@@ -171,3 +171,20 @@ def test_teacher_forced_exact_is_greedy_decoding_in_one_pass(options):
     assert all(np.isfinite(f.logprob) and f.logprob <= 0 for f in forced)
     other = [np.where(g == 0, 1, 0) for g in greedy]  # every cell changed
     assert not any(f.exact for f in teacher_forced(model, prompts, other, CPU))
+
+
+@pytest.mark.parametrize("dtype, autocast", [("float32", None), ("bfloat16", torch.bfloat16)])
+def test_the_solver_runs_prefill_and_every_step_under_its_dtype(dtype, autocast):
+    """SolveConfig.dtype reaches the model: bf16 autocast around the prefill and each step, none for float32."""
+    seen = []
+
+    class Recording(ScriptedModel):
+        def _logits(self, cache):
+            on = torch.is_autocast_enabled("cpu")
+            seen.append(torch.get_autocast_dtype("cpu") if on else None)
+            return super()._logits(cache)
+
+    model = Recording(lambda p: [3, 4, ROW, 5, 6, ROW, EOO])
+    pred = solve_task(model, make_task(0), SolveConfig(views=2, dtype=dtype), CPU)
+    assert pred.tests[0].attempt_1.tolist() == [[3, 4], [5, 6]]
+    assert len(seen) > 2 and set(seen) == {autocast}
