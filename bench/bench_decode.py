@@ -74,6 +74,8 @@ def cmd_solve(args) -> str:
     device = torch.device(args.device)
     model, ckpt = load_model(args.ckpt, device)
     tasks = load_tasks("arc1", "eval")[: args.limit]
+    head = header(f"python bench/bench_decode.py solve --ckpt {args.ckpt} --limit {args.limit} --views {args.views} "
+                  f"--dtypes {args.dtypes}")  # before the work: its load average is the one at the start
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     configs = {d: SolveConfig(views=args.views, dtype=d) for d in dtypes}  # validates each name
     resolved = {d: resolve_dtype(d, device) for d in dtypes}
@@ -92,8 +94,7 @@ def cmd_solve(args) -> str:
         return [grid for p in preds[d] for t in p.tests for grid in (t.attempt_1, t.attempt_2)]
 
     base = dtypes[0]
-    lines = [header(f"python bench/bench_decode.py solve --ckpt {args.ckpt} --limit {args.limit} --views {args.views} "
-                    f"--dtypes {args.dtypes}"),
+    lines = [head,
              f"Checkpoint `{ckpt['path']}` ({model.num_params() / 1e6:.2f}M parameters) on {device}; "
              f"{len(tasks)} tasks, {args.views} views, each dtype timed on the same tasks in turn.", "",
              f"| dtype | wall time | s/task | generated tokens/s | speed-up vs {base} | attempts identical to {base}'s "
@@ -105,6 +106,13 @@ def cmd_solve(args) -> str:
         name = d if resolved[d] == d else f"{d} ({resolved[d]})"
         lines.append(f"| {name} | {dt:.0f} s | {dt / len(tasks):.1f} | {tokens / dt:,.0f} | **{seconds[base] / dt:.2f}x** | "
                      f"{same}/{len(attempts(base))} | {solved}/{len(tasks)} | ~{dt / len(tasks) * 400 / 60:.0f} min |")
+    for d in dtypes[1:]:  # where the attempts differ: which, and the votes behind them in each dtype
+        for p, q in zip(preds[base], preds[d]):
+            for i, (a, b) in enumerate(zip(p.tests, q.tests)):
+                for k in (1, 2):
+                    if not np.array_equal(getattr(a, f"attempt_{k}"), getattr(b, f"attempt_{k}")):
+                        lines.append(f"\n{d}: task {p.task_id} test {i} attempt {k} differs; votes per distinct grid "
+                                     f"{a.info['votes']} in {base}, {b.info['votes']} in {d}.")
     return "\n".join(lines)
 
 
