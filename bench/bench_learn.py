@@ -192,7 +192,9 @@ def main() -> None:
             checkpoint.save_atomic({"model": model.state_dict(), "model_config": model_cfg.to_dict(),
                                     "train_config": config.to_dict(train_cfg)}, Path(args.save) / f"{name}.pt")
         sample = held[: args.check]
-        greedy = [c for pred in solve_tasks(model.eval(), sample, SolveConfig(views=1, batch=8), device=device, progress=False)
+        # float32 decoding, as teacher_forced reads: the check compares the two metrics, not two precisions
+        greedy = [c for pred in solve_tasks(model.eval(), sample, SolveConfig(views=1, batch=8, dtype="float32"),
+                                            device=device, progress=False)
                   for c in pred.correct]
         forced = [f.exact for f in teacher_forced(model, [q for q, _, _ in pairs[: len(greedy)]],
                                                    [a for _, a, _ in pairs[: len(greedy)]], device)]
