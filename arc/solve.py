@@ -105,7 +105,7 @@ def decode(
     cannot hold a 1x1 grid is an error (the solver never sends one).
 
     The prefill and every step run under :func:`arc.loss.autocast_for` ``dtype`` (float32: no
-    autocast, today's reference path); the mask, the argmax/sampling and the log-probabilities
+    autocast, the reference path); the mask, the argmax/sampling and the log-probabilities
     always work on float32 logits."""
     budgets = answer_budgets(model, prompts, max_new_tokens)
     if min(budgets) < MIN_ANSWER_TOKENS:
