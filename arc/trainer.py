@@ -533,15 +533,14 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
             on_step(step, loss)
 
         # -- log line ---------------------------------------------------------------------------
-        real = totals.real_tokens
         if info.is_main and (step % cfg.log_every == 0 or step == end - 1 or len(row) > 1):
-            row.update(loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=real / dt,
-                       real_share=real / totals.padded_tokens, micro_batches=totals.micro_batches, memory_mb=memory_mb(device), elapsed=time.time() - t_start,
-                       epoch=bundle.train.epoch)
+            row.update(loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=totals.real_tokens / dt,
+                       real_share=totals.real_tokens / totals.padded_tokens, micro_batches=totals.micro_batches,
+                       memory_mb=memory_mb(device), elapsed=time.time() - t_start, epoch=bundle.train.epoch)
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
         if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{real / dt:,.0f}", **({"val": f"{val:.4f}"} if math.isfinite(val) else {}))
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{totals.real_tokens / dt:,.0f}", **({"val": f"{val:.4f}"} if math.isfinite(val) else {}))
             bar.update(1)
 
         # -- checkpoint -------------------------------------------------------------------------

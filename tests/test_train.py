@@ -461,3 +461,10 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch():
     # --tokens_per_step ends the step as soon as it has that many real tokens
     few, _ = run(halves, grad_accum=2, tokens_per_step=1)
     assert few.micro_batches == 1
+
+
+def test_a_run_with_the_progress_bar_trains_and_shows_tokens_per_second(tmp_path, capsys):
+    """Every other test turns the bar off; this one runs the bar's code path, as a user's run does."""
+    result = train(tiny_cfg(tmp_path, "bar", steps=2, val_every=0, progress=True), tiny())
+    assert result.step == 2 and len(result.losses) == 2
+    assert "tok_s=" in capsys.readouterr().err
