@@ -1,14 +1,18 @@
 """What test-time training buys: one checkpoint, the same tasks, several TTT budgets.
 
     python bench/bench_ttt.py --ckpt runs/cpu [--tasks 12] [--pick shortest|first|sample] [--seed 0] [--budgets 0,8,32]
-                              [--views 8] [--ttt_batch 4] [--ttt_lr 3e-4] [--md docs/BENCHMARKS.md]
+                              [--views 8] [--ttt_batch 4] [--ttt_lr 3e-4] [--ttt_params all|lora|last] [--ttt_layers 0]
+                              [--ttt_lora_rank 16] [--ttt_lora_alpha 32] [--ttt_check_every 0] [--md docs/BENCHMARKS.md]
 
 For each budget (0 = no TTT) and each task: fine-tune on the task's demonstrations (arc.ttt), then
 measure the teacher-forced loss and token accuracy of the model on the task's true test outputs
 (a continuous figure that moves before the exact-match score does; the truth is only read for
 this measurement, never trained on), solve the task with --views views, and restore the weights.
 Reports per budget: official score (pass@2), tasks solved, attempts of the right shape, mean
-test-output loss and token accuracy, and seconds per task (fine-tuning + solving).
+test-output loss and token accuracy, fine-tuning steps actually run per task (fewer than the budget
+when --ttt_check_every stops early), seconds per fine-tuning step, and seconds per task (fine-tuning,
+and fine-tuning + solving). --ttt_params/--ttt_layers/--ttt_lora_*/--ttt_check_every are
+arc.ttt.TTTConfig's (eval.py's) flags: which weights train, and the early stop.
 
 --pick shortest takes the tasks with the fewest tokens (demonstrations + test pairs), so a CPU
 can afford several budgets; --pick first takes the first ones by id, as eval.py --limit does;
@@ -28,7 +32,7 @@ from arc.evaluate import load_model, select_tasks
 from arc.solve import SolveConfig, solve_task, submission_of
 from arc.tokens import IGNORE_INDEX, encode_instance, pair_length
 from arc.loss import loss_sum
-from arc.ttt import TaskFineTuner, TTTConfig
+from arc.ttt import TTT_PARAMS, TaskFineTuner, TTTConfig
 
 
 def task_tokens(task: data.Task) -> int:
@@ -64,6 +68,11 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--ttt_batch", type=int, default=4)
     ap.add_argument("--ttt_lr", type=float, default=3e-4)
+    ap.add_argument("--ttt_params", choices=TTT_PARAMS, default=TTTConfig.ttt_params)
+    ap.add_argument("--ttt_layers", type=int, default=TTTConfig.ttt_layers)
+    ap.add_argument("--ttt_lora_rank", type=int, default=TTTConfig.ttt_lora_rank)
+    ap.add_argument("--ttt_lora_alpha", type=float, default=TTTConfig.ttt_lora_alpha)
+    ap.add_argument("--ttt_check_every", type=int, default=TTTConfig.ttt_check_every)
     ap.add_argument("--md", default=None)
     args = ap.parse_args()
 
@@ -77,15 +86,20 @@ def main() -> None:
     tasks = tasks[: args.tasks]
     solve_cfg = SolveConfig(views=args.views)
     rows = []
+    ttt_flags = dict(ttt_lr=args.ttt_lr, ttt_batch=args.ttt_batch, ttt_params=args.ttt_params, ttt_layers=args.ttt_layers,
+                     ttt_lora_rank=args.ttt_lora_rank, ttt_lora_alpha=args.ttt_lora_alpha,
+                     ttt_check_every=args.ttt_check_every)
+    TTTConfig(**ttt_flags)  # bad flags fail before the model runs
     for steps in [int(b) for b in args.budgets.split(",")]:
-        tuner = TaskFineTuner(model, TTTConfig(ttt_steps=steps, ttt_lr=args.ttt_lr, ttt_batch=args.ttt_batch)) if steps else None
-        loss, right, count, seconds, fit_seconds, shaped = 0.0, 0, 0, 0.0, 0.0, 0
+        tuner = TaskFineTuner(model, TTTConfig(ttt_steps=steps, **ttt_flags)) if steps else None
+        loss, right, count, seconds, fit_seconds, shaped, steps_run = 0.0, 0, 0, 0.0, 0.0, 0, 0
         predictions = []
         for task in tasks:
             t0 = time.perf_counter()
             try:
                 if tuner is not None:
-                    fit_seconds += tuner.fit(task, device)["seconds"]
+                    record = tuner.fit(task, device)
+                    fit_seconds, steps_run = fit_seconds + record["seconds"], steps_run + record["steps"]
                 model.eval()
                 pred = solve_task(model, task, solve_cfg, device)
                 seconds += time.perf_counter() - t0
@@ -100,17 +114,29 @@ def main() -> None:
             print(f"budget {steps}: {task.id} loss {l / c:.3f} solved {all(pred.correct)} ({time.perf_counter() - t0:.1f} s)", flush=True)
         result = score.score_submission(submission_of(predictions), tasks)
         rows.append((steps, result.score, result.tasks_solved, shaped, sum(len(t.test) for t in tasks), loss / count,
-                     right / count, fit_seconds / len(tasks), seconds / len(tasks)))
+                     right / count, steps_run / len(tasks), fit_seconds / max(steps_run, 1), fit_seconds / len(tasks),
+                     seconds / len(tasks), [p.task_id for p in predictions if all(p.correct)]))
 
     picked = {"shortest": "fewest tokens", "first": "first by id", "sample": f"eval.py --sample {args.tasks} --seed {args.seed}"}[args.pick]
+    trains = {"all": "every weight", "lora": f"LoRA rank {args.ttt_lora_rank}, alpha {args.ttt_lora_alpha}"
+              + (f", last {args.ttt_layers} blocks" if args.ttt_layers else ", every block"),
+              "last": f"the last {args.ttt_layers} blocks + final norm"}[args.ttt_params]
+    stops = f", early stop checked every {args.ttt_check_every} steps" if args.ttt_check_every else ""
     lines = [header(f"python bench/bench_ttt.py --ckpt {args.ckpt} --tasks {args.tasks} --pick {args.pick}"
-                    + (f" --seed {args.seed}" if args.pick == "sample" else "") + f" --budgets {args.budgets} --views {args.views} --ttt_batch {args.ttt_batch} --ttt_lr {args.ttt_lr}"),
+                    + (f" --seed {args.seed}" if args.pick == "sample" else "") + f" --budgets {args.budgets} --views {args.views} --ttt_batch {args.ttt_batch} --ttt_lr {args.ttt_lr}"
+                    + f" --ttt_params {args.ttt_params}" + (f" --ttt_layers {args.ttt_layers}" if args.ttt_layers else "")
+                    + (f" --ttt_lora_rank {args.ttt_lora_rank} --ttt_lora_alpha {args.ttt_lora_alpha}" if args.ttt_params == "lora" else "")
+                    + (f" --ttt_check_every {args.ttt_check_every}" if args.ttt_check_every else "")),
              f"{len(tasks)} {args.data} {args.split} tasks ({picked}): {', '.join(t.id for t in tasks)}. "
-             f"{model.num_params() / 1e6:.2f}M parameters, {args.views} views, TTT batch {args.ttt_batch}, lr {args.ttt_lr}.", "",
-             "| TTT steps | score (pass@2) | tasks solved | attempts of the right shape | test-output loss | token accuracy | TTT s/task | total s/task |",
-             "|---|---|---|---|---|---|---|---|"]
-    for steps, sc, solved, shaped, n_tests, l, acc, fit_s, total_s in rows:
-        lines.append(f"| {steps} | {sc:.3f} | {solved}/{len(tasks)} | {shaped}/{n_tests} | {l:.3f} | {acc:.1%} | {fit_s:.1f} | {total_s:.1f} |")
+             f"{model.num_params() / 1e6:.2f}M parameters, {args.views} views, TTT batch {args.ttt_batch}, lr {args.ttt_lr}, "
+             f"trains {trains}{stops}.", "",
+             "| TTT steps | score (pass@2) | tasks solved | attempts of the right shape | test-output loss | token accuracy "
+             "| steps run/task | TTT s/step | TTT s/task | total s/task |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for steps, sc, solved, shaped, n_tests, l, acc, run, step_s, fit_s, total_s, _ in rows:
+        lines.append(f"| {steps} | {sc:.3f} | {solved}/{len(tasks)} | {shaped}/{n_tests} | {l:.3f} | {acc:.1%} | {run:.1f} "
+                     f"| {step_s:.3f} | {fit_s:.1f} | {total_s:.1f} |")
+    lines += [""] + [f"Solved at {r[0]} steps: {', '.join(r[-1]) or 'none'}." for r in rows]
     emit("\n".join(lines) + "\n", args.md)
 
 
