@@ -331,9 +331,11 @@ class TaskFineTuner:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Remove the adapters and copy the saved weights back, bit for bit."""
+        """Remove the adapters and copy the saved weights back, bit for bit; drop any gradient a
+        failed step left behind (the next task's first step must not add to it)."""
         if self.lora is not None:
             self.lora.detach()
         for p, saved in zip(self.model.parameters(), self.saved):
             p.copy_(saved)
+        self.optimizer.zero_grad(set_to_none=True)
         self.optimizer.state.clear()

@@ -95,7 +95,7 @@ def main() -> None:
         loss, right, count, seconds, fit_seconds, shaped, steps_run = 0.0, 0, 0, 0.0, 0.0, 0, 0
         predictions = []
         for task in tasks:
-            t0 = time.perf_counter()
+            t0, record = time.perf_counter(), None
             try:
                 if tuner is not None:
                     record = tuner.fit(task, device)
@@ -111,7 +111,9 @@ def main() -> None:
             predictions.append(pred)
             for t, pair in zip(pred.tests, task.test):
                 shaped += any(a.shape == pair.output.shape for a in (t.attempt_1, t.attempt_2))
-            print(f"budget {steps}: {task.id} loss {l / c:.3f} solved {all(pred.correct)} ({time.perf_counter() - t0:.1f} s)", flush=True)
+            ran = "" if record is None else f", {record['steps']} steps ({record.get('stop', record.get('reason'))})"
+            print(f"budget {steps}: {task.id} loss {l / c:.3f} solved {all(pred.correct)} ({time.perf_counter() - t0:.1f} s{ran})",
+                  flush=True)
         result = score.score_submission(submission_of(predictions), tasks)
         rows.append((steps, result.score, result.tasks_solved, shaped, sum(len(t.test) for t in tasks), loss / count,
                      right / count, steps_run / len(tasks), fit_seconds / max(steps_run, 1), fit_seconds / len(tasks),

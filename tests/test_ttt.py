@@ -1,12 +1,15 @@
 """Test-time training: built from demonstrations only, sized by the model, restores weights
 exactly, and learns."""
 import sys
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
+from arc import ttt
 from arc.data import Pair, Task, leave_one_out, load_tasks
-from arc.loss import loss_sum
+from arc.loss import loss_sum, mean_loss
 from arc.model import HybridLM, preset
 from arc.solve import SolveConfig, solve_tasks
 from arc.tokens import DoesNotFit, encode_instance
@@ -162,3 +165,188 @@ def test_bad_ttt_settings_name_the_flag(flags, message):
     with pytest.raises(ValueError, match=message):
         TTTConfig(**flags)
     assert not TTTConfig().enabled and TTTConfig(ttt_steps=1).enabled
+
+
+# ---- cheaper test-time training: what trains (--ttt_params) and the early stop (--ttt_check_every) ----
+VARIANTS = [dict(ttt_params="all"), dict(ttt_params="lora", ttt_lora_rank=4), dict(ttt_params="lora", ttt_layers=2),
+            dict(ttt_params="last", ttt_layers=1), dict(ttt_params="last", ttt_layers=3)]
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """Everything restore must give back: every parameter and buffer (non-persistent ones too), their
+    requires_grad flags, the state_dict's keys, and no forward hooks."""
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+            "buffers": {n: b.clone() for n, b in model.named_buffers()},
+            "keys": list(model.state_dict()), "hooks": sum(len(m._forward_hooks) for m in model.modules())}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["keys"] == b["keys"] and a["grad"] == b["grad"] and a["hooks"] == b["hooks"]
+    assert all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])
+    assert all(torch.equal(a["buffers"][n], b["buffers"][n]) for n in a["buffers"])
+
+
+def logits_of(model, task: Task) -> torch.Tensor:
+    x, _, _ = ttt_loader(task, TTTConfig(ttt_batch=2), block_size=4096).next_batch()
+    with torch.no_grad():
+        return model.eval()(x)[0]
+
+
+def test_lora_at_step_zero_is_the_base_model():
+    torch.manual_seed(0)
+    model, task = HybridLM(tiny()), small_task()
+    base = logits_of(model, task)
+    tuner = TaskFineTuner(model, TTTConfig(ttt_steps=0, ttt_params="lora"))
+    tuner.fit(task, CPU)  # adapters drawn and attached, B = 0
+    assert tuner.lora.attached
+    assert torch.equal(logits_of(model, task), base)
+    tuner.restore()
+
+
+def test_lora_training_changes_the_outputs_not_the_base_weights():
+    torch.manual_seed(0)
+    model, task = HybridLM(tiny()), small_task()
+    before, base = snapshot(model), logits_of(model, task)
+    tuner = TaskFineTuner(model, TTTConfig(ttt_steps=3, ttt_batch=2, ttt_lr=1e-2, ttt_params="lora"))
+    assert tuner.fit(task, CPU)["steps"] == 3
+    assert not torch.allclose(logits_of(model, task), base)  # the adapters act, also on the solver's forward
+    during = snapshot(model)
+    assert during["hooks"] > 0
+    during["hooks"] = before["hooks"]
+    assert_same(before, during)  # base weights untouched; the state_dict has no adapter keys
+    tuner.restore()
+    assert_same(before, snapshot(model))
+    assert torch.equal(logits_of(model, task), base)
+
+
+@pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: "-".join(map(str, f.values())))
+@pytest.mark.parametrize("fail", [False, True], ids=["clean", "exception-in-fit"])
+def test_restore_is_bit_exact_for_every_variant(flags, fail, monkeypatch):
+    torch.manual_seed(0)
+    model, task = HybridLM(tiny()), small_task()
+    before = snapshot(model)
+    tuner = TaskFineTuner(model, TTTConfig(ttt_steps=3, ttt_batch=2, ttt_lr=1e-2, ttt_check_every=2, **flags))
+    if fail:  # the second step's loss raises, after one optimizer step has changed the weights
+        calls = []
+
+        def failing_loss(logits, y):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("boom")
+            return mean_loss(logits, y)
+
+        monkeypatch.setattr(ttt, "mean_loss", failing_loss)
+        with pytest.raises(RuntimeError, match="boom"):
+            tuner.fit(task, CPU)
+    else:
+        tuner.fit(task, CPU)
+    tuner.restore()
+    assert_same(before, snapshot(model))
+    assert all(p.grad is None for p in list(model.parameters()) + tuner.trained)
+    assert not tuner.optimizer.state
+
+
+def test_the_optimizer_holds_only_the_trained_tensors():
+    torch.manual_seed(0)
+    task = small_task()
+    for flags in VARIANTS:
+        model = HybridLM(tiny())
+        before = snapshot(model)
+        tuner = TaskFineTuner(model, TTTConfig(ttt_steps=2, ttt_batch=2, ttt_lr=1e-2, **flags))
+        held = {id(p) for g in tuner.optimizer.param_groups for p in g["params"]}
+        own = {id(p): n for n, p in model.named_parameters()}
+        if flags["ttt_params"] == "all":
+            assert held == set(own)
+        elif flags["ttt_params"] == "lora":
+            assert not held & set(own) and held == {id(p) for p in tuner.lora.parameters()}
+            n_blocks = flags.get("ttt_layers") or len(model.layers)
+            assert len(tuner.lora.a) == n_blocks * 4  # mixer in/out projections, MLP fc1/fc2 per block
+        else:
+            first = len(model.layers) - flags["ttt_layers"]
+            names = {own[i] for i in held}
+            assert names == {n for n in own.values() if n.startswith("norm_f.") or
+                             (n.startswith("layers.") and int(n.split(".")[1]) >= first)}
+            assert "embedding.weight" not in names  # the tied head stays
+        tuner.fit(task, CPU)
+        after = {n: p for n, p in model.named_parameters()}
+        for n, p in after.items():  # what is not held never moves; what is held does
+            assert torch.equal(p, before["params"][n]) != (id(p) in held), n
+        assert {n: p.requires_grad for n, p in after.items()} == before["grad"]  # flags given back after fit
+        tuner.restore()
+
+
+def test_early_stop_stops_at_the_first_check_that_solves_every_demonstration(monkeypatch):
+    calls = []
+
+    def forced(model, prompts, answers, device):
+        calls.append(len(answers))
+        return [SimpleNamespace(exact=len(calls) >= 3)] * len(answers)
+
+    monkeypatch.setattr(ttt, "teacher_forced", forced)
+    torch.manual_seed(0)
+    model, task = HybridLM(tiny()), small_task()
+    tuner = TaskFineTuner(model, TTTConfig(ttt_steps=20, ttt_batch=2, ttt_check_every=2))
+    record = tuner.fit(task, CPU)
+    tuner.restore()
+    assert record["stop"] == "solved" and record["checks"] == 3 and record["steps"] == 4  # checked at steps 0, 2, 4
+    assert calls == [len(task.train)] * 3  # every leave-one-out demonstration at once
+    calls.clear()
+    record = TaskFineTuner(model, TTTConfig(ttt_steps=3, ttt_batch=2)).fit(task, CPU)
+    assert record["stop"] == "budget" and record["checks"] == 0 and record["steps"] == 3 and not calls
+
+
+def identity_task(test_output) -> Task:
+    """1x1 grids copied from input to output: a tiny model learns it in a few dozen steps."""
+    g = lambda c: np.array([[c]])
+    return Task("same", tuple(Pair(g(c), g(c)) for c in (1, 2, 3, 4)), (Pair(g(5), test_output),))
+
+
+def test_early_stop_on_a_learnt_task_reads_only_the_demonstrations():
+    """A tiny model fitted to a copy task stops once greedy decoding writes every leave-one-out
+    answer (checked here by decoding them), and the test output (None, right or wrong) changes nothing."""
+    cfg = TTTConfig(ttt_steps=300, ttt_batch=8, ttt_lr=1e-2, ttt_check_every=10)
+
+    def fitted(test_output):
+        torch.manual_seed(0)
+        model = HybridLM(preset("tiny", max_seq_len=256))
+        record = TaskFineTuner(model, cfg).fit(identity_task(test_output), CPU)
+        return model, record, [p.detach().clone() for p in model.parameters()]
+
+    model, record, weights = fitted(None)
+    assert record["stop"] == "solved" and 0 < record["steps"] < 300 and record["steps"] % 10 == 0
+    for loo in leave_one_out(identity_task(None)):
+        pred = solve_tasks(model, [loo], SolveConfig(views=1), device=CPU, progress=False)[0]
+        assert np.array_equal(pred.tests[0].attempt_1, loo.test[0].output)
+    for other in (np.array([[5]]), np.array([[7, 7], [7, 7]])):
+        _, other_record, other_weights = fitted(other)
+        del other_record["seconds"]
+        assert other_record == {k: v for k, v in record.items() if k != "seconds"}
+        assert all(torch.equal(a, b) for a, b in zip(weights, other_weights))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(ttt_params="some"), "--ttt_params must be one of"),
+    (dict(ttt_params="last"), "--ttt_params last needs --ttt_layers >= 1"),
+    (dict(ttt_layers=2), "--ttt_layers applies to --ttt_params last or lora"),
+    (dict(ttt_params="lora", ttt_layers=-1), "--ttt_layers must be >= 0"),
+    (dict(ttt_lora_rank=0), "--ttt_lora_rank must be >= 1"), (dict(ttt_lora_alpha=float("inf")), "--ttt_lora_alpha"),
+    (dict(ttt_check_every=-1), "--ttt_check_every must be >= 0"),
+])
+def test_bad_cheaper_ttt_settings_name_the_flag(flags, message):
+    with pytest.raises(ValueError, match=message):
+        TTTConfig(**flags)
+
+
+def test_more_layers_than_the_model_has_is_an_error_naming_the_flag():
+    model = HybridLM(tiny())
+    for params in ("last", "lora"):
+        with pytest.raises(ValueError, match="--ttt_layers 5 is more than the model's 4 blocks"):
+            TaskFineTuner(model, TTTConfig(ttt_steps=1, ttt_params=params, ttt_layers=5))
+
+
+def test_the_new_settings_are_eval_flags():
+    import eval as eval_cli
+    _, _, ttt_cfg = eval_cli.parse_args(["--ckpt", "c", "--out", "o", "--ttt_steps", "64", "--ttt_params", "lora",
+                                         "--ttt_lora_rank", "8", "--ttt_check_every", "16"])
+    assert (ttt_cfg.ttt_params, ttt_cfg.ttt_lora_rank, ttt_cfg.ttt_check_every) == ("lora", 8, 16)
