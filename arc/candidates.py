@@ -14,7 +14,7 @@ and their later "product of experts" scoring), written here for our decoder and 
    search replaces the plain greedy decode instead of adding to it.
 2. :func:`view_scores` and :func:`product_rank`: each distinct candidate grid (already mapped back
    to the task's frame) is transformed into every view and read by the model under teacher forcing
-   after that view's prompt; its score is the sum over views of its log-probability, i.e. the log
+   after that view's prompt (all views' reads batched together); its score is the sum over views of its log-probability, i.e. the log
    of the product of the views' probabilities. A wrong grid that one view likes is rarely liked by
    all of them.
 
@@ -46,10 +46,13 @@ class Found:
     ids: tuple[int, ...]
     logprob: float  # sum over the answer's tokens of log p(token) under the constrained distribution
     greedy: bool  # the greedy path's answer (every token the masked argmax)
+    raw_logprob: float = 0.0  # the same sum under the model's unconstrained distribution, as decode reports it
 
     @property
     def mean_logprob(self) -> float:
-        return self.logprob / len(self.ids)
+        """Mean unconstrained log-probability per token: :func:`arc.solve.decode`'s figure, which the
+        vote uses to break ties."""
+        return self.raw_logprob / len(self.ids)
 
 
 def _budgets(model: Any, prompts: Sequence[Encoded]) -> list[int]:
@@ -98,22 +101,23 @@ def search(
                                       [torch.as_tensor(p.pos, dtype=torch.long, device=device) for p in prompts])
         layout = LayoutTracker([p.ids for p in prompts], budgets, device)
         # one entry per live row of the cache: its prompt, ids so far, summed log-probability, greedy flag
-        owner, seqs, sums, greedy = list(range(n)), [()] * n, [0.0] * n, [keep_greedy] * n
+        owner, seqs, sums, raws, greedy = list(range(n)), [()] * n, [0.0] * n, [0.0] * n, [keep_greedy] * n
         while owner:
+            raw = torch.log_softmax(logits.float(), -1)  # (R, V)
             logp = torch.log_softmax(logits.float().masked_fill(~layout.allowed(logits.size(-1)), -math.inf), -1)  # (R, V)
             best = logp.argmax(-1)  # (R,)
             total = torch.tensor(sums, dtype=torch.float64, device=logp.device)[:, None] + logp.double()  # (R, V)
             keep = total >= floor  # (R, V)
             for r in (r for r, g in enumerate(greedy) if g):
                 keep[r, int(best[r])] = True
-            children: dict[int, list[tuple[float, int, int, bool]]] = {}  # prompt -> (sum, row, token, greedy)
+            children: dict[int, list[tuple[float, int, int, bool, float]]] = {}  # prompt -> (sum, row, token, greedy, raw)
             for r, t in torch.nonzero(keep).tolist():
                 g = greedy[r] and t == int(best[r])
-                s = float(total[r, t])
+                s, rs = float(total[r, t]), raws[r] + float(raw[r, t])
                 if t == EOO:
-                    found[owner[r]].append(Found(seqs[r] + (t,), s, g))
+                    found[owner[r]].append(Found(seqs[r] + (t,), s, g, rs))
                 else:
-                    children.setdefault(owner[r], []).append((s, r, t, g))
+                    children.setdefault(owner[r], []).append((s, r, t, g, rs))
             parents, tokens = [], []
             for p, kids in children.items():
                 if len(kids) > max_rows:  # keep the most probable, and the greedy child whatever its rank
@@ -122,15 +126,15 @@ def search(
                     kids = kids[:max_rows]
                 records[p]["peak_rows"] = max(records[p]["peak_rows"], len(kids))
                 records[p]["tokens"] += len(kids)
-                for s, r, t, g in kids:
-                    parents.append((p, seqs[r] + (t,), s, g, r))
+                for s, r, t, g, rs in kids:
+                    parents.append((p, seqs[r] + (t,), s, g, rs, r))
                     tokens.append(t)
             if not parents:
                 break
-            index = torch.tensor([q[4] for q in parents], dtype=torch.long, device=device)
+            index = torch.tensor([q[5] for q in parents], dtype=torch.long, device=device)
             cache.select(index)
             layout.select(index)
-            owner, seqs, sums, greedy = ([q[i] for q in parents] for i in range(4))
+            owner, seqs, sums, greedy, raws = ([q[i] for q in parents] for i in range(5))
             tok = torch.tensor(tokens, dtype=torch.long, device=device)
             logits = model.step(tok, cache, layout.advance(tok))  # (R, V)
     out = []
@@ -168,69 +172,16 @@ def _mapped(model: Any, views: Sequence[tuple[augment.Transform, Encoded]], grid
 
 @torch.no_grad()
 def view_scores(model: Any, views: Sequence[tuple[augment.Transform, Encoded]], grids: Sequence[np.ndarray],
-                device: torch.device, *, dtype: str = "float32", max_rows: int = 64) -> np.ndarray:
+                device: torch.device, *, batch: int = 16, dtype: str = "float32") -> np.ndarray:
     """(len(grids), len(views)) float64: the log-probability of each grid (in the task's frame) under
     each view, read after the view's prompt with the grid mapped into the view, under the decoder's
-    grammar; -inf where the mapped grid cannot fit the view's answer budget.
+    grammar (:func:`arc.solve.teacher_forced`: each prompt + answer read whole, ``batch`` sequences
+    per forward pass); -inf where the mapped grid cannot fit the view's answer budget.
 
-    Through the cache, the way the decoder works: each view's prompt is prefilled once, its cache
-    rows copied for every candidate, and all (view, candidate) answers are fed together one token
-    per step, reading each next token's log-probability. The reference twin,
-    :func:`view_scores_reference`, reads every (prompt + answer) whole by teacher forcing. At most
-    ``max_rows`` cache rows at once (the grids are taken in groups, each group prefilling again)."""
-    out = np.full((len(grids), len(views)), -math.inf)
-    group = max(1, max_rows // max(len(views), 1))
-    for start in range(0, len(grids), group):
-        out[start:start + group] = _view_scores_cached(model, views, grids[start:start + group], device, dtype)
-    return out
-
-
-def _view_scores_cached(model: Any, views: Sequence[tuple[augment.Transform, Encoded]], grids: Sequence[np.ndarray],
-                        device: torch.device, dtype: str) -> np.ndarray:
-    """:func:`view_scores` for one group of grids."""
-    out = np.full((len(grids), len(views)), -math.inf)
-    pairs = _mapped(model, views, grids)
-    if not pairs:
-        return out
-    prompts = [p for _, p in views]
-    budgets = _budgets(model, prompts)
-    answers = [np.append(grid_tokens(m), EOO) for _, _, m in pairs]
-    longest = max(len(p.ids) for p in prompts)
-    room = max(len(prompts[v].ids) + len(a) for (_, v, _), a in zip(pairs, answers)) - longest
-    with autocast_for(dtype, device):
-        cache, logits = model.prefill([torch.as_tensor(p.ids, dtype=torch.long, device=device) for p in prompts], room,
-                                      [torch.as_tensor(p.pos, dtype=torch.long, device=device) for p in prompts])
-        index = torch.tensor([v for _, v, _ in pairs], dtype=torch.long, device=device)
-        cache.select(index)
-        logits = logits.index_select(0, index)  # (R, V)
-        layout = LayoutTracker([prompts[v].ids for _, v, _ in pairs], [budgets[v] for _, v, _ in pairs], device)
-        rows = list(range(len(pairs)))  # which pair each live cache row reads
-        sums = [0.0] * len(pairs)
-        for t in range(max(len(a) for a in answers)):
-            logp = torch.log_softmax(logits.float().masked_fill(~layout.allowed(logits.size(-1)), -math.inf), -1)  # (R, V)
-            tok = torch.tensor([int(answers[r][t]) for r in rows], dtype=torch.long, device=device)  # (R,)
-            for r, lp in zip(rows, logp.gather(1, tok[:, None]).squeeze(1).tolist()):
-                sums[r] += lp
-            pos = layout.advance(tok)
-            live = [k for k, r in enumerate(rows) if t + 1 < len(answers[r])]
-            if not live:
-                break
-            if len(live) < len(rows):
-                keep = torch.tensor(live, dtype=torch.long, device=device)
-                cache.select(keep)
-                layout.select(keep)
-                tok, pos, rows = tok[keep], pos[keep], [rows[k] for k in live]
-            logits = model.step(tok, cache, pos)  # (R, V)
-    for (i, v, _), s in zip(pairs, sums):
-        out[i, v] = s
-    return out
-
-
-@torch.no_grad()
-def view_scores_reference(model: Any, views: Sequence[tuple[augment.Transform, Encoded]], grids: Sequence[np.ndarray],
-                          device: torch.device, *, batch: int = 16, dtype: str = "float32") -> np.ndarray:
-    """:func:`view_scores` by teacher forcing (:func:`arc.solve.teacher_forced`): every prompt +
-    answer read whole in one forward pass. The reference twin, for the parity test."""
+    Reading through the decoder's cache instead (each prompt prefilled once, its rows copied per
+    candidate, the answers fed a token a step) was measured slower on a CPU, 0.8-0.9x
+    (docs/BENCHMARKS.md section 11): one step's small operations cost more than re-reading the prompt.
+    """
     from arc.solve import teacher_forced
 
     out = np.full((len(grids), len(views)), -math.inf)

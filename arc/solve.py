@@ -8,8 +8,9 @@ well-formed grid: only colours, row end and end of output; every row as long as 
 30 rows and 30 columns. Each grid is mapped back through its view's inverse transform and the
 views vote (:func:`arc.vote.two_attempts`).
 
-With ``search`` > 0 each view gives every grid above that probability instead of the greedy one
-(:func:`arc.candidates.search`); with ``select`` product or both, each distinct grid is scored by
+With ``search`` > 0 each view also gives every grid above that probability besides its greedy one
+(:func:`arc.candidates.search`; the extra grids are candidates without a vote, so the vote is the
+greedy vote's); with ``select`` product or both, each distinct grid is scored by
 teacher forcing under every view and the attempts go to the best sum of log-probabilities
 (:mod:`arc.candidates`). Every test's info records what each rule would have submitted.
 
@@ -55,7 +56,8 @@ class SolveConfig:
                 "each grid's log-probability (every distinct grid read under every view: costs forward passes); "
                 "both = the product's best, then the vote's best other grid")
     search: float = help_field(0.0, "per view, every grid with at least this probability under the constrained "
-                                    "decoder, besides the greedy one (0: the greedy grid only); e.g. 0.1")
+                                    "decoder, besides the greedy one (0: the greedy grid only); e.g. 0.1. The extra "
+                                    "grids get no vote: they matter with --select product or both")
     search_max: int = help_field(8, "--search: grids kept per view (the most probable, and the greedy one)")
     search_rows: int = help_field(16, "--search: partial grids explored at once per view (caps its cost)")
     score_max: int = help_field(16, "--select product/both: distinct grids scored per test input (the most voted)")
@@ -268,7 +270,7 @@ class _Job:
     view: augment.Transform
     prompt: Encoded | None  # None when the view's prompt cannot fit the model
     reason: str | None = None
-    results: list[tuple[list[int], float]] = field(default_factory=list, repr=False)  # (ids, mean log-probability)
+    results: list[tuple[list[int], float, int]] = field(default_factory=list, repr=False)  # (ids, mean log-prob, votes)
     search: dict[str, Any] | None = None  # candidates.search's record for this prompt
 
 
@@ -283,13 +285,13 @@ def _decode_jobs(model: Any, runnable: list[_Job], cfg: SolveConfig, device: tor
             found, records = candidates.search(model, prompts, device, threshold=cfg.search, max_candidates=cfg.search_max,
                                                max_rows=cfg.search_rows, dtype=cfg.dtype)
             for job, answers, record in zip(chunk, found, records):
-                job.results = [(list(f.ids), f.mean_logprob) for f in answers]
+                job.results = [(list(f.ids), f.mean_logprob, int(f.greedy)) for f in answers]  # extras: no vote
                 job.search = record
                 fed += record["tokens"]
         else:
             for job, res in zip(chunk, decode(model, prompts, device, temperature=cfg.temperature,
                                              generator=generator, dtype=cfg.dtype)):
-                job.results = [res]
+                job.results = [(*res, 1)]
                 fed += len(res[0])
     return fed
 
@@ -305,12 +307,12 @@ def _choose(model: Any, jobs: list[_Job], cfg: SolveConfig, device: torch.device
     for job in jobs:
         if job.prompt is None:
             pool.append(vote.Candidate(None, -math.inf, str(job.view), job.reason))
-        for ids, mean_lp in job.results:
+        for ids, mean_lp, votes in job.results:
             out = decode_grid(ids)
             if out.ok:
-                pool.append(vote.Candidate(job.view.invert_grid(out.grid), mean_lp, str(job.view)))
+                pool.append(vote.Candidate(job.view.invert_grid(out.grid), mean_lp, str(job.view), votes=votes))
             else:
-                pool.append(vote.Candidate(None, mean_lp, str(job.view), out.reason))
+                pool.append(vote.Candidate(None, mean_lp, str(job.view), out.reason, votes=votes))
     a1, a2, info = vote.two_attempts(pool)
     ballots = vote.rank(pool)
     info["select"] = cfg.select
@@ -326,7 +328,7 @@ def _choose(model: Any, jobs: list[_Job], cfg: SolveConfig, device: torch.device
                 seen_views.add(str(job.view))
                 scored_views.append((job.view, job.prompt))
         top = ballots[: cfg.score_max]
-        table = candidates.view_scores(model, scored_views, [b.grid for b in top], device, dtype=cfg.dtype)
+        table = candidates.view_scores(model, scored_views, [b.grid for b in top], device, batch=cfg.batch, dtype=cfg.dtype)
         scores = [candidates.product_score(row) for row in table] + [-math.inf] * (len(ballots) - len(top))
         info["score_views"] = [str(v) for v, _ in scored_views]
         for b, row, sc in zip(info["ballots"], table, scores):

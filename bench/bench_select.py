@@ -25,7 +25,9 @@ import torch
 from common import emit, header
 from bench_ttt import task_tokens
 from arc import data
-from arc.candidates import SELECTS, by_select
+from arc import augment
+from arc.candidates import SELECTS, by_select, product_score, view_scores
+from arc.tokens import DoesNotFit, encode_prompt
 from arc.evaluate import load_model, select_tasks
 from arc.solve import SolveConfig, solve_task
 from arc.ttt import TaskFineTuner, TTTConfig
@@ -47,6 +49,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
+    ap.add_argument("--arms", default="greedy,search", help="candidates to try: greedy (one per view), search (--search)")
+    ap.add_argument("--truth_score", action="store_true",
+                    help="also score each true output under every view (read after the choices, to see whether a wider "
+                         "search would have found a grid the product prefers)")
     ap.add_argument("--from_json", default=None, help="render the table of a finished run's --json again, without solving")
     args = ap.parse_args()
     if args.from_json:
@@ -69,6 +75,10 @@ def main() -> None:
     tasks = tasks[: args.tasks]
     arms = {"greedy": SolveConfig(views=args.views, select="both", dtype=args.dtype),
             "search": SolveConfig(views=args.views, select="both", search=args.search, dtype=args.dtype)}
+    unknown = set(args.arms.split(",")) - set(arms)
+    if unknown:
+        ap.error(f"--arms: unknown {sorted(unknown)}; choose from {list(arms)}")
+    arms = {k: v for k, v in arms.items() if k in args.arms.split(",")}
     tuner = TaskFineTuner(model, TTTConfig(ttt_steps=args.ttt_steps, ttt_lr=args.ttt_lr, ttt_batch=args.ttt_batch,
                                            dtype=args.dtype)) if args.ttt_steps else None
     records = []
@@ -83,7 +93,12 @@ def main() -> None:
                 pred = solve_task(model, task, cfg, device)
                 record[arm] = {"decode_s": pred.timings["decode"], "score_s": pred.timings["score"], "tokens": pred.generated_tokens,
                                "tests": [{k: t.info.get(k) for k in ("correct_by", "truth_rank", "votes", "search")}
-                                         | {"candidates": len(t.info["ballots"])} for t in pred.tests]}
+                                         | {"candidates": len(t.info["ballots"]),
+                                            "best_score": max((b["score"] for b in t.info["ballots"] if b.get("score") is not None), default=None)}
+                                         for t in pred.tests]}
+            if args.truth_score:  # measurement only, after every choice: how the views score the true output
+                for k, pair in enumerate(task.test):
+                    record.setdefault("truth_score", []).append(truth_score(model, task, k, arms["greedy"], device))
         finally:
             if tuner is not None:
                 tuner.restore()
@@ -98,14 +113,29 @@ def main() -> None:
     emit(render(args, records, model.num_params()), args.md)
 
 
+def truth_score(model, task, k: int, cfg: SolveConfig, device: torch.device) -> float | None:
+    """The product score (sum over the views of the log-probability) of test input k's true output,
+    as the solver scores its candidates; None when a view cannot hold it."""
+    views = []
+    for view in augment.views(cfg.views, seed=cfg.seed, colours=cfg.colour_views):
+        seen = view.apply_task(task)
+        try:
+            views.append((view, encode_prompt(seen.demos, seen.test[k].input, block_size=model.cfg.max_seq_len)))
+        except DoesNotFit:
+            pass
+    score = product_score(view_scores(model, views, [task.test[k].output], device, dtype=cfg.dtype)[0])
+    return score if score > float("-inf") else None
+
+
 def render(args: argparse.Namespace, records: list[dict], params: int) -> str:
     """The markdown of a run: the command, the tasks, one row per candidates x rule, the search's cost."""
-    arms = ("greedy", "search")
+    arms = [a for a in ("greedy", "search") if a in getattr(args, "arms", "greedy,search").split(",")]
     n = len(records)
     picked = {"shortest": "fewest tokens", "first": "first by id", "sample": f"eval.py --sample {args.tasks} --seed {args.seed}"}[args.pick]
     lines = [header(f"python bench/bench_select.py --ckpt {args.ckpt} --tasks {args.tasks} --pick {args.pick}"
                     + (f" --seed {args.seed}" if args.pick == "sample" else "")
-                    + f" --ttt_steps {args.ttt_steps} --views {args.views} --search {args.search} --dtype {args.dtype}"),
+                    + f" --ttt_steps {args.ttt_steps} --views {args.views} --search {args.search} --dtype {args.dtype}"
+                    + f" --arms {getattr(args, 'arms', 'greedy,search')}"),
              f"{n} {args.data} {args.split} tasks ({picked}): {', '.join(r['task_id'] for r in records)}. "
              f"{params / 1e6:.2f}M parameters, {args.views} views, test-time training {args.ttt_steps} steps"
              + (f" (batch {args.ttt_batch}, lr {args.ttt_lr}, {sum(r['ttt_s'] for r in records) / n:.1f} s/task)" if args.ttt_steps else "") + ".", "",
@@ -124,12 +154,21 @@ def render(args: argparse.Namespace, records: list[dict], params: int) -> str:
             lines.append(f"| {arm}{f' >= {args.search}' if arm == 'search' else ''} | {rule} | {v['tasks_solved']}/{n} | "
                          f"{v['score']:.3f} | {found}/{len(tests)} | {first} / {second} | {decode_s:.1f} | "
                          f"{'0 (no scoring)' if rule == 'vote' else f'{score_s:.1f}'} |")
-    ratio = sum(r["search"]["decode_s"] for r in records) / max(sum(r["greedy"]["decode_s"] for r in records), 1e-9)
-    worst = max(records, key=lambda r: r["search"]["decode_s"] / max(r["greedy"]["decode_s"], 1e-9))
-    lines.append(f"\nThe search decodes in {ratio:.2f}x the time of greedy decoding over all tasks, at most "
-                 f"{worst['search']['decode_s'] / max(worst['greedy']['decode_s'], 1e-9):.2f}x on one task ({worst['task_id']}) "
-                 + (f"(tokens fed: {sum(r['search']['tokens'] for r in records)} against {sum(r['greedy']['tokens'] for r in records)} greedy)."
-                    if all("tokens" in r["greedy"] for r in records) else "."))
+    if arms != ["greedy", "search"]:
+        lines.append("")
+    else:
+        ratio = sum(r["search"]["decode_s"] for r in records) / max(sum(r["greedy"]["decode_s"] for r in records), 1e-9)
+        worst = max(records, key=lambda r: r["search"]["decode_s"] / max(r["greedy"]["decode_s"], 1e-9))
+        lines.append(f"\nThe search decodes in {ratio:.2f}x the time of greedy decoding over all tasks, at most "
+                     f"{worst['search']['decode_s'] / max(worst['greedy']['decode_s'], 1e-9):.2f}x on one task ({worst['task_id']})"
+                     + (f" (tokens fed: {sum(r['search']['tokens'] for r in records)} against {sum(r['greedy']['tokens'] for r in records)} greedy)."
+                        if all("tokens" in r["greedy"] for r in records) else "."))
+    if any("truth_score" in r for r in records):
+        for arm in arms:
+            pairs = [(ts, t) for r in records for ts, t in zip(r.get("truth_score", []), r[arm]["tests"]) if t["truth_rank"] is None]
+            above = sum(ts is not None and t["best_score"] is not None and ts > t["best_score"] for ts, t in pairs)
+            lines.append(f"{arm}: of the {len(pairs)} test inputs whose truth was not a candidate, the product scores the truth "
+                         f"above every candidate in {above}: a wider search would have submitted it there.")
     return "\n".join(lines) + "\n"
 
 

@@ -81,8 +81,9 @@ def test_search_with_nothing_above_the_threshold_is_greedy_decoding(options):
     prompts = [encode_prompt(t.demos, t.test[0].input, block_size=model.cfg.max_seq_len) for t in tasks]
     found, records = candidates.search(model, prompts, CPU, threshold=1.0)
     greedy = decode(model, prompts, CPU)
-    for answers, (ids, _), record in zip(found, greedy, records):
+    for answers, (ids, mean_lp), record in zip(found, greedy, records):
         assert [list(f.ids) for f in answers] == [ids] and answers[0].greedy
+        assert answers[0].mean_logprob == pytest.approx(mean_lp, abs=1e-5)  # the vote's tie-break reads the same figure
         assert record["peak_rows"] == 1 and record["tokens"] == len(ids) - 1
 
 
@@ -105,9 +106,9 @@ def test_view_scores_do_not_depend_on_the_order_of_the_views():
         seen = view.apply_task(task)
         views.append((view, encode_prompt(seen.demos, seen.test[0].input, block_size=512)))
     grids = [task.test[0].output, np.rot90(task.test[0].output), np.zeros((2, 3), dtype=np.int64)]
-    table = candidates.view_scores(model, views, grids, CPU)
+    table = candidates.view_scores(model, views, grids, CPU, batch=5)
     perm = [3, 7, 0, 5, 1, 6, 2, 4]
-    shuffled = candidates.view_scores(model, [views[i] for i in perm], grids, CPU, max_rows=9)  # one grid per group
+    shuffled = candidates.view_scores(model, [views[i] for i in perm], grids, CPU, batch=3)
     np.testing.assert_allclose(shuffled, table[:, perm], atol=1e-4)
     assert all(np.isfinite(table).ravel()) and (table < 0).all()
     # the sum is exact: the same floats in any order give the same total, bit for bit
@@ -116,26 +117,6 @@ def test_view_scores_do_not_depend_on_the_order_of_the_views():
     # a grid mapped into each view is what that view's prompt is read with: identity view, original grid
     forced = teacher_forced(model, [views[0][1]], [grids[0]], CPU)[0]
     assert table[0, 0] == pytest.approx(forced.logprob, abs=1e-5)
-
-
-@pytest.mark.parametrize("options", [{}, GRID_2D])
-def test_scoring_through_the_cache_equals_teacher_forcing(options):
-    """The fast scorer (prefill each view once, copy the rows, feed every answer a token a step)
-    against its reference twin (each prompt + answer read whole), grids of several shapes, one of
-    them too long for a transposing view."""
-    task = small_task(11, side=3)
-    prompt_len = len(encode_prompt(task.demos, task.test[0].input).ids)
-    model = peaked_model(prompt_len + 16, sharpness=2.0, **options)
-    views = []
-    for view in augment.views(8):
-        seen = view.apply_task(task)
-        views.append((view, encode_prompt(seen.demos, seen.test[0].input, block_size=prompt_len + 16)))
-    rng = np.random.default_rng(0)
-    grids = [rng.integers(0, 10, size=s) for s in [(3, 3), (1, 1), (2, 4), (1, 12), (4, 2)]]
-    fast = candidates.view_scores(model, views, grids, CPU, max_rows=20)
-    slow = candidates.view_scores_reference(model, views, grids, CPU, batch=7)
-    assert np.isinf(fast[3]).sum() == 4 and (np.isinf(fast) == np.isinf(slow)).all()  # 1x12 fits 16 tokens, 12x1 does not
-    np.testing.assert_allclose(fast[np.isfinite(fast)], slow[np.isfinite(slow)], atol=1e-4)
 
 
 def _ballot(v: int, fill: int) -> Ballot:
@@ -199,3 +180,15 @@ def test_product_selection_records_every_rule_and_where_the_truth_ranked():
 def test_bad_settings_are_refused_naming_the_flag(bad, match):
     with pytest.raises(ValueError, match=match):
         SolveConfig(**bad)
+
+
+def test_the_search_adds_candidates_but_not_votes():
+    """With the search on, the vote rule picks what greedy voting picks: extra grids bring no vote."""
+    task = small_task(0)
+    model = peaked_model(len(encode_prompt(task.demos, task.test[0].input).ids) + 7, sharpness=6.0)  # room for a 2x2 grid
+    greedy = solve_task(model, task, SolveConfig(views=2, select="both", dtype="float32"), CPU).tests[0].info
+    searched = solve_task(model, task, SolveConfig(views=2, select="both", search=0.01, dtype="float32"), CPU).tests[0].info
+    assert len(searched["ballots"]) > len(greedy["ballots"])  # the search found more grids
+    assert sorted(searched["votes"], reverse=True) == sorted(greedy["votes"], reverse=True) + [0] * (len(searched["votes"]) - len(greedy["votes"]))
+    assert searched["picks"]["vote"] == greedy["picks"]["vote"]
+    assert [searched["ballots"][k]["views"] for k in searched["picks"]["vote"]] == [greedy["ballots"][k]["views"] for k in greedy["picks"]["vote"]]
