@@ -216,13 +216,24 @@ class Forced:
     logprob: float  # sum of the answer tokens' log-probabilities (masked distribution)
 
 
-def answer_instance(prompt: Encoded, answer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The prompt followed by ``answer``'s tokens and EOO: (ids (L,), positions (L, N_POS)), the
-    answer's positions as :class:`LayoutTracker` gives them while decoding."""
-    tail = np.append(grid_tokens(answer), EOO)
-    layout = LayoutTracker([prompt.ids], [len(tail)])
-    tail_pos = np.stack([layout.advance(torch.tensor([t]))[0].numpy() for t in tail.tolist()])
-    return np.concatenate([prompt.ids, tail]), np.concatenate([prompt.pos, tail_pos])
+def answer_layouts(prompts: Sequence[Encoded], answers: Sequence[np.ndarray], budgets: Sequence[int], vocab: int
+                   ) -> list[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
+    """Each answer grid as the decoder would write it after its prompt: (tail ids (A,) = the grid's
+    tokens and EOO, their positions (A, N_POS) as :class:`LayoutTracker` gives them while decoding,
+    and the grammar's allowed tokens before each (A, vocab) bool under the answer's budget). One
+    tracker walks all answers together, a token of each per step."""
+    tails = [np.append(grid_tokens(a), EOO) for a in answers]
+    layout = LayoutTracker([p.ids for p in prompts], budgets)
+    masks, positions = [[] for _ in tails], [[] for _ in tails]
+    for t in range(max(len(tail) for tail in tails)):
+        allowed = layout.allowed(vocab)  # (n, vocab)
+        tok = torch.tensor([int(tail[t]) if t < len(tail) else EOO for tail in tails])  # finished rows repeat EOO
+        pos = layout.advance(tok)  # (n, N_POS)
+        for i, tail in enumerate(tails):
+            if t < len(tail):
+                masks[i].append(allowed[i])
+                positions[i].append(pos[i])
+    return [(tail, torch.stack(p).numpy(), torch.stack(m)) for tail, p, m in zip(tails, positions, masks)]
 
 
 @torch.no_grad()
@@ -235,9 +246,11 @@ def teacher_forced(model: Any, prompts: Sequence[Encoded], answers: Sequence[np.
     step per token, which makes it the learning curves' metric; ``logprob`` scores a candidate grid.
     """
     results: list[Forced] = []
+    vocab = model.cfg.vocab_size
     for start in range(0, len(prompts), batch):
         chunk = list(zip(prompts[start:start + batch], answers[start:start + batch]))
-        seqs = [answer_instance(p, a) for p, a in chunk]
+        layouts = answer_layouts([p for p, _ in chunk], [a for _, a in chunk], answer_budgets(model, [p for p, _ in chunk]), vocab)
+        seqs = [(np.concatenate([p.ids, tail]), np.concatenate([p.pos, tail_pos])) for (p, _), (tail, tail_pos, _) in zip(chunk, layouts)]
         length = max(len(ids) for ids, _ in seqs)
         x = torch.full((len(seqs), length), PAD, dtype=torch.long)
         pos = torch.tensor(NO_GRID_POS, dtype=torch.long).repeat(len(seqs), length, 1)  # (B, T, N_POS)
@@ -245,16 +258,10 @@ def teacher_forced(model: Any, prompts: Sequence[Encoded], answers: Sequence[np.
             x[i, :len(ids)], pos[i, :len(ids)] = torch.as_tensor(ids), torch.as_tensor(p)
         logits, _ = model(x.to(device), pos=pos.to(device))  # (B, T, V)
         logits = logits.float().cpu()
-        for i, ((prompt, answer), (ids, _)) in enumerate(zip(chunk, seqs)):
+        for i, ((prompt, answer), (ids, _), (tail, _, mask)) in enumerate(zip(chunk, seqs, layouts)):
             n = len(prompt.ids)
-            truth = torch.as_tensor(ids[n:])  # (A,) the answer's tokens
-            budget = answer_budgets(model, [prompt])[0]
-            layout = LayoutTracker([prompt.ids], [budget])
-            mask = []
-            for t in truth.tolist():
-                mask.append(layout.allowed(logits.size(-1))[0])
-                layout.advance(torch.tensor([t]))
-            masked = logits[i, n - 1:len(ids) - 1].masked_fill(~torch.stack(mask), -math.inf)  # (A, V)
+            truth = torch.as_tensor(tail)  # (A,) the answer's tokens
+            masked = logits[i, n - 1:len(ids) - 1].masked_fill(~mask, -math.inf)  # (A, V)
             hits = masked.argmax(-1) == truth
             logprob = float(torch.log_softmax(masked, -1).gather(1, truth[:, None]).sum())
             results.append(Forced(bool(hits.all()), int(hits.sum()), len(truth), logprob))
