@@ -8,6 +8,8 @@ GPU (the same command; the model runs in bf16 with the fused kernels when they a
     python eval.py --ckpt runs/gpu --data arc1 --split eval --views 8 --out out/gpu-eval
 Test-time training before each task (fine-tune on its demonstrations, then predict):
     python eval.py --ckpt runs/cpu --ttt_steps 32 --out out/ttt
+Several candidates per view, each scored under every view (slower; see docs/BENCHMARKS.md):
+    python eval.py --ckpt runs/cpu --search 0.1 --select both --out out/product
 Score an existing submission without a model:
     python eval.py --submission out/cpu-eval/submission.json --data arc1 --split eval --out out/rescored
 Writes OUTDIR/submission.json (Kaggle format), OUTDIR/results.json and OUTDIR/report.html, and keeps
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("eval.py: interrupted; the finished tasks are kept: run the same command to continue", file=sys.stderr)
         return 130
+    for rule, v in (results["run"].get("by_select") or {}).items():
+        if v["score"] is not None and results["run"]["settings"]["solve"]["select"] != "vote":
+            print(f"  --select {rule}: score {v['score']:.3f}, {v['tasks_solved']}/{v['tasks_scored']} tasks solved")
     print(f"{results_summary(results)}; wrote {eval_cfg.out}/{{submission.json,results.json,report.html}}")
     seen = results["run"].get("seen_in_training") or []
     if seen:

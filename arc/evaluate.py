@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from arc import checkpoint, data, kernels, sources
+from arc import candidates, checkpoint, data, kernels, sources
 from arc.config import help_field
 from arc.dist import pick_device
 from arc.files import atomic_write_text
@@ -345,7 +345,7 @@ def evaluate(cfg: EvalConfig, solve_cfg: SolveConfig, ttt_cfg: TTTConfig | None 
             journal.add({
                 "task_id": task.id, "fingerprint": data.task_fingerprint(task),
                 "entries": submission_of([pred])[task.id], "tests": [t.info for t in pred.tests],
-                "seconds": round(pred.seconds, 3), "generated_tokens": pred.generated_tokens,
+                "seconds": round(pred.seconds, 3), "generated_tokens": pred.generated_tokens, "timings": pred.timings,
             })
             bar.update(1)
     except KeyboardInterrupt:
@@ -366,8 +366,13 @@ def evaluate(cfg: EvalConfig, solve_cfg: SolveConfig, ttt_cfg: TTTConfig | None 
         "seconds": round(sum(r["seconds"] for r in records), 3),
         "generated_tokens": sum(r["generated_tokens"] for r in records),
         "resumed_tasks": len(tasks) - len(todo),
+        "by_select": candidates.by_select([r["tests"] for r in records]),
     }
+    if run["by_select"]:
+        log.info("by selection rule: %s", "; ".join(f"{rule} {v['score']:.3f} ({v['tasks_solved']}/{v['tasks_scored']} tasks)"
+                                                    for rule, v in run["by_select"].items() if v["score"] is not None))
     task_info = {r["task_id"]: {"seconds": r["seconds"], "generated_tokens": r["generated_tokens"],
+                                "timings": r.get("timings", {}),
                                 "seen_in_training": r["task_id"] in seen} for r in records}
     test_info = {r["task_id"]: r["tests"] for r in records}
     return write_outputs(out, tasks, submission, run=run, task_info=task_info, test_info=test_info,

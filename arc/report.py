@@ -155,6 +155,8 @@ figure.attempt{padding:3px;border:4px solid #bbb;border-radius:4px}
 figure.correct{border-color:#1f9d3a}
 figure.wrong{border-color:#d8262e}
 figure.unknown{border-style:dashed}
+figure.candidate{padding:2px;border:2px solid #ddd;border-radius:4px}
+figure.candidate.truth{border-color:#1f9d3a}
 .nogrid{width:90px;min-height:60px;padding:6px;font-size:11px;color:#900;background:#f4f4f4;
   border:1px dashed #999;overflow-wrap:anywhere}
 .ok{color:#1f9d3a;font-weight:600}
@@ -288,6 +290,30 @@ def _adapt_text(adapt: Mapping[str, Any]) -> str:
     return f"test-time training: {steps} steps{losses}, {adapt.get('seconds', 0):.1f} s"
 
 
+def _candidates_html(info: Mapping[str, Any], truth: Any, cell: int) -> list[str]:
+    """The candidate grids the solver kept (``info.order``/``info.ballots``), best first by its
+    selection rule: votes, the product score when scored, and whether each one is the truth. Shows
+    when the right grid was found but ranked below the two attempts."""
+    ballots, order = list(info.get("ballots") or []), list(info.get("order") or [])
+    shown = [(rank, ballots[i]) for rank, i in enumerate(order) if i < len(ballots) and "grid" in ballots[i]]
+    if len(shown) < 2:
+        return []
+    truth_arr = None if truth is None else np.asarray(truth)
+    figures = []
+    for rank, b in shown:
+        arr, _ = read_grid(b["grid"])
+        hit = truth_arr is not None and arr is not None and arr.shape == truth_arr.shape and bool((arr == truth_arr).all())
+        score = b.get("score")
+        label = f"#{rank + 1}: {b.get('votes', 0)} vote{'' if b.get('votes') == 1 else 's'}"
+        label += f", log p {score:.1f}" if isinstance(score, (int, float)) else ""
+        label += ' <span class="ok">= truth</span>' if hit else ""
+        figures.append(_figure(label, b["grid"], cell, "candidate truth" if hit else "candidate"))
+    rule = _esc(str(info.get("select", "vote")))
+    return [f'<p class="meta">candidates, best first by --select {rule} (log p: sum over the views '
+            f"{_esc(' · '.join(info.get('score_views') or []) or '–')})</p>",
+            '<div class="row">', *figures, "</div>"]
+
+
 def _task_section(task_id: str, anchor: str, category: str, entry: Mapping[str, Any], task: Task | None, cell: int) -> list[str]:
     out = [
         f'<section class="task" id="{anchor}" data-task="{_esc(task_id)}" data-category="{_esc(category)}">',
@@ -340,6 +366,7 @@ def _task_section(task_id: str, anchor: str, category: str, entry: Mapping[str, 
         out.append(f'<p class="meta">{"; ".join(meta)}</p>')
         if info.get("malformed"):
             out.append(_malformed_html(info["malformed"]))
+        out += _candidates_html(info, truth, cell)
     out.append("</section>")
     return out
 

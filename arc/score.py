@@ -36,14 +36,16 @@ the caller knows about how the submission was made; strict JSON (no NaN: non-fin
                                     #   ttt}, sample {n, seed, ids} | null, skipped [{task_id, file,
                                     #   reason}], duplicates [[dropped, kept]], renamed [[new, original]],
                                     #   seen_in_training [task_id],
-                                    #   seconds, generated_tokens, resumed_tasks
+                                    #   seconds, generated_tokens, resumed_tasks,
+                                    #   by_select {rule: {score, tasks_solved, tasks_scored}}
+                                    #   (arc.candidates.by_select: what vote/product/both scored)
       "tasks": {                    # every task given, in the order given
         task_id: {
           "score": float | null,    # null: unscored
           "pass_at_1": float | null,
           "solved": bool | null,
           "info": {...},            # the caller's per-task record; eval.py: seconds, generated_tokens,
-                                    #   seen_in_training (bool)
+                                    #   timings {decode, score} (seconds), seen_in_training (bool)
           "tests": [                # one per test input, in order
             {
               "index": int,
@@ -56,7 +58,10 @@ the caller knows about how the submission was made; strict JSON (no NaN: non-fin
               "shape_ok": [bool, bool] | null,   # per attempt: has the truth's shape
               "info": {...}                      # the solver's record of this test input, whole:
                                                  #   eval.py: arc.vote.two_attempts' candidates,
-                                                 #   malformed, votes, ballots, repeated, placeholder,
+                                                 #   malformed, votes, ballots, repeated, placeholder;
+                                                 #   arc.solve's select, picks, order, search,
+                                                 #   score_views, each ballot's score, view_logprobs
+                                                 #   and (the best few) grid, correct_by, truth_rank;
                                                  #   and "adapt" (test-time training: steps,
                                                  #   first_loss, last_loss, seconds) when it ran
             }, ...

@@ -8,6 +8,12 @@ well-formed grid: only colours, row end and end of output; every row as long as 
 30 rows and 30 columns. Each grid is mapped back through its view's inverse transform and the
 views vote (:func:`arc.vote.two_attempts`).
 
+With ``search`` > 0 each view also gives every grid above that probability besides its greedy one
+(:func:`arc.candidates.search`; the extra grids are candidates without a vote, so the vote is the
+greedy vote's); with ``select`` product or both, each distinct grid is scored by
+teacher forcing under every view and the attempts go to the best sum of log-probabilities
+(:mod:`arc.candidates`). Every test's info records what each rule would have submitted.
+
 The model is only asked for ``cfg.max_seq_len`` (the longest sequence it takes: prompts drop
 demonstrations to leave room for an answer, and the answer ends within what is left),
 ``prefill(prompts, max_new_tokens, positions) -> (cache, logits)``, ``step(tokens, cache, pos) ->
@@ -23,7 +29,7 @@ from typing import Any, Literal, Protocol, Sequence
 import numpy as np
 import torch
 
-from arc import augment, vote
+from arc import augment, candidates, vote
 from arc.config import help_field
 from arc.data import Task
 from arc.grid import same_grid
@@ -45,6 +51,16 @@ class SolveConfig:
         "auto", "autocast dtype of decoding (and of test-time training), as train.py's --dtype: auto is bfloat16 on "
                 "CUDA and on a CPU whose bf16 matmul a start-up probe measures clearly faster (arc/loss.py), else "
                 "float32; weights, residual stream, norms and the output logits stay float32")
+    select: Literal["vote", "product", "both"] = help_field(
+        "vote", "how the two attempts are chosen: vote = most views agreeing; product = best sum over all views of "
+                "each grid's log-probability (every distinct grid read under every view: costs forward passes); "
+                "both = the product's best, then the vote's best other grid")
+    search: float = help_field(0.0, "per view, every grid with at least this probability under the constrained "
+                                    "decoder, besides the greedy one (0: the greedy grid only); e.g. 0.1. The extra "
+                                    "grids get no vote: they matter with --select product or both")
+    search_max: int = help_field(8, "--search: grids kept per view (the most probable, and the greedy one)")
+    search_rows: int = help_field(16, "--search: partial grids explored at once per view (caps its cost)")
+    score_max: int = help_field(16, "--select product/both: distinct grids scored per test input (the most voted)")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -59,6 +75,15 @@ class SolveConfig:
             raise ValueError("--samples > 1 needs --temperature > 0 (greedy decoding repeats itself)")
         if self.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {self.batch}")
+        if self.select not in candidates.SELECTS:
+            raise ValueError(f"--select must be one of {list(candidates.SELECTS)}, got {self.select!r}")
+        if not 0 <= self.search <= 1:
+            raise ValueError(f"--search must be a probability in [0, 1] (0: greedy only), got {self.search}")
+        if self.search > 0 and self.temperature > 0:
+            raise ValueError("--search and --temperature > 0 exclude each other: the search replaces sampling")
+        for name in ("search_max", "search_rows", "score_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -74,7 +99,8 @@ class TaskPrediction:
     task_id: str
     tests: list[TestPrediction]
     seconds: float
-    generated_tokens: int
+    generated_tokens: int  # tokens fed to the model while decoding (every explored branch under --search)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: "decode" and "score" (product scoring)
 
     @property
     def correct(self) -> list[bool | None]:
@@ -190,13 +216,24 @@ class Forced:
     logprob: float  # sum of the answer tokens' log-probabilities (masked distribution)
 
 
-def answer_instance(prompt: Encoded, answer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The prompt followed by ``answer``'s tokens and EOO: (ids (L,), positions (L, N_POS)), the
-    answer's positions as :class:`LayoutTracker` gives them while decoding."""
-    tail = np.append(grid_tokens(answer), EOO)
-    layout = LayoutTracker([prompt.ids], [len(tail)])
-    tail_pos = np.stack([layout.advance(torch.tensor([t]))[0].numpy() for t in tail.tolist()])
-    return np.concatenate([prompt.ids, tail]), np.concatenate([prompt.pos, tail_pos])
+def answer_layouts(prompts: Sequence[Encoded], answers: Sequence[np.ndarray], budgets: Sequence[int], vocab: int
+                   ) -> list[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
+    """Each answer grid as the decoder would write it after its prompt: (tail ids (A,) = the grid's
+    tokens and EOO, their positions (A, N_POS) as :class:`LayoutTracker` gives them while decoding,
+    and the grammar's allowed tokens before each (A, vocab) bool under the answer's budget). One
+    tracker walks all answers together, a token of each per step."""
+    tails = [np.append(grid_tokens(a), EOO) for a in answers]
+    layout = LayoutTracker([p.ids for p in prompts], budgets)
+    masks, positions = [[] for _ in tails], [[] for _ in tails]
+    for t in range(max(len(tail) for tail in tails)):
+        allowed = layout.allowed(vocab)  # (n, vocab)
+        tok = torch.tensor([int(tail[t]) if t < len(tail) else EOO for tail in tails])  # finished rows repeat EOO
+        pos = layout.advance(tok)  # (n, N_POS)
+        for i, tail in enumerate(tails):
+            if t < len(tail):
+                masks[i].append(allowed[i])
+                positions[i].append(pos[i])
+    return [(tail, torch.stack(p).numpy(), torch.stack(m)) for tail, p, m in zip(tails, positions, masks)]
 
 
 @torch.no_grad()
@@ -209,9 +246,11 @@ def teacher_forced(model: Any, prompts: Sequence[Encoded], answers: Sequence[np.
     step per token, which makes it the learning curves' metric; ``logprob`` scores a candidate grid.
     """
     results: list[Forced] = []
+    vocab = model.cfg.vocab_size
     for start in range(0, len(prompts), batch):
         chunk = list(zip(prompts[start:start + batch], answers[start:start + batch]))
-        seqs = [answer_instance(p, a) for p, a in chunk]
+        layouts = answer_layouts([p for p, _ in chunk], [a for _, a in chunk], answer_budgets(model, [p for p, _ in chunk]), vocab)
+        seqs = [(np.concatenate([p.ids, tail]), np.concatenate([p.pos, tail_pos])) for (p, _), (tail, tail_pos, _) in zip(chunk, layouts)]
         length = max(len(ids) for ids, _ in seqs)
         x = torch.full((len(seqs), length), PAD, dtype=torch.long)
         pos = torch.tensor(NO_GRID_POS, dtype=torch.long).repeat(len(seqs), length, 1)  # (B, T, N_POS)
@@ -219,20 +258,17 @@ def teacher_forced(model: Any, prompts: Sequence[Encoded], answers: Sequence[np.
             x[i, :len(ids)], pos[i, :len(ids)] = torch.as_tensor(ids), torch.as_tensor(p)
         logits, _ = model(x.to(device), pos=pos.to(device))  # (B, T, V)
         logits = logits.float().cpu()
-        for i, ((prompt, answer), (ids, _)) in enumerate(zip(chunk, seqs)):
+        for i, ((prompt, answer), (ids, _), (tail, _, mask)) in enumerate(zip(chunk, seqs, layouts)):
             n = len(prompt.ids)
-            truth = torch.as_tensor(ids[n:])  # (A,) the answer's tokens
-            budget = answer_budgets(model, [prompt])[0]
-            layout = LayoutTracker([prompt.ids], [budget])
-            mask = []
-            for t in truth.tolist():
-                mask.append(layout.allowed(logits.size(-1))[0])
-                layout.advance(torch.tensor([t]))
-            masked = logits[i, n - 1:len(ids) - 1].masked_fill(~torch.stack(mask), -math.inf)  # (A, V)
+            truth = torch.as_tensor(tail)  # (A,) the answer's tokens
+            masked = logits[i, n - 1:len(ids) - 1].masked_fill(~mask, -math.inf)  # (A, V)
             hits = masked.argmax(-1) == truth
             logprob = float(torch.log_softmax(masked, -1).gather(1, truth[:, None]).sum())
             results.append(Forced(bool(hits.all()), int(hits.sum()), len(truth), logprob))
     return results
+
+
+RUNNERS_UP = 6  # candidate grids kept in each test's info (best first by the rule used), for the report
 
 
 @dataclass
@@ -241,11 +277,88 @@ class _Job:
     view: augment.Transform
     prompt: Encoded | None  # None when the view's prompt cannot fit the model
     reason: str | None = None
-    result: tuple[list[int], float] | None = field(default=None, repr=False)
+    results: list[tuple[list[int], float, int]] = field(default_factory=list, repr=False)  # (ids, mean log-prob, votes)
+    search: dict[str, Any] | None = None  # candidates.search's record for this prompt
+
+
+def _decode_jobs(model: Any, runnable: list[_Job], cfg: SolveConfig, device: torch.device) -> int:
+    """Fill every job's results (greedy/sampled decoding, or the search); returns the tokens fed."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
+    fed = 0
+    for start in range(0, len(runnable), cfg.batch):
+        chunk = runnable[start : start + cfg.batch]
+        prompts = [j.prompt for j in chunk]
+        if cfg.search > 0:
+            found, records = candidates.search(model, prompts, device, threshold=cfg.search, max_candidates=cfg.search_max,
+                                               max_rows=cfg.search_rows, dtype=cfg.dtype)
+            for job, answers, record in zip(chunk, found, records):
+                job.results = [(list(f.ids), f.mean_logprob, int(f.greedy)) for f in answers]  # extras: no vote
+                job.search = record
+                fed += record["tokens"]
+        else:
+            for job, res in zip(chunk, decode(model, prompts, device, temperature=cfg.temperature,
+                                             generator=generator, dtype=cfg.dtype)):
+                job.results = [(*res, 1)]
+                fed += len(res[0])
+    return fed
+
+
+def _choose(model: Any, jobs: list[_Job], cfg: SolveConfig, device: torch.device, truth: np.ndarray | None
+            ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One test input's attempts from its jobs by ``cfg.select``, and its info: vote.two_attempts's,
+    plus ``select``, ``picks`` (ballot indices each rule submits), ``order`` (ballot indices best first
+    by the rule used), ``score_views`` and per-ballot ``score``/``view_logprobs`` when scored, the top
+    ``RUNNERS_UP`` grids, and (after choosing, when the truth is known) ``correct_by`` rule and
+    ``truth_rank``."""
+    pool = []
+    for job in jobs:
+        if job.prompt is None:
+            pool.append(vote.Candidate(None, -math.inf, str(job.view), job.reason))
+        for ids, mean_lp, votes in job.results:
+            out = decode_grid(ids)
+            if out.ok:
+                pool.append(vote.Candidate(job.view.invert_grid(out.grid), mean_lp, str(job.view), votes=votes))
+            else:
+                pool.append(vote.Candidate(None, mean_lp, str(job.view), out.reason, votes=votes))
+    a1, a2, info = vote.two_attempts(pool)
+    ballots = vote.rank(pool)
+    info["select"] = cfg.select
+    searched = [j.search for j in jobs if j.search is not None]
+    if searched:
+        info["search"] = {"tokens": sum(r["tokens"] for r in searched), "peak_rows": max(r["peak_rows"] for r in searched),
+                          "truncated": any(r["truncated"] for r in searched)}
+    scores = None
+    if cfg.select != "vote" and ballots:
+        scored_views, seen_views = [], set()
+        for job in jobs:
+            if job.prompt is not None and str(job.view) not in seen_views:  # --samples repeats a view
+                seen_views.add(str(job.view))
+                scored_views.append((job.view, job.prompt))
+        top = ballots[: cfg.score_max]
+        table = candidates.view_scores(model, scored_views, [b.grid for b in top], device, batch=cfg.batch, dtype=cfg.dtype)
+        scores = [candidates.product_score(row) for row in table] + [-math.inf] * (len(ballots) - len(top))
+        info["score_views"] = [str(v) for v, _ in scored_views]
+        for b, row, sc in zip(info["ballots"], table, scores):
+            b["score"] = sc if math.isfinite(sc) else None
+            b["view_logprobs"] = [x if math.isfinite(x) else None for x in row.tolist()]
+    picks = candidates.selections(ballots, scores)
+    info["picks"] = picks
+    if picks:
+        order = candidates.product_rank(ballots, scores) if cfg.select != "vote" else list(range(len(ballots)))
+        info["order"] = order
+        for i in order[:RUNNERS_UP]:
+            info["ballots"][i]["grid"] = ballots[i].grid.tolist()
+        a1, a2 = (ballots[k].grid.copy() for k in picks[cfg.select])
+    if truth is not None:  # recorded after the choice: the truth never reaches it
+        right = [same_grid(b.grid, truth) for b in ballots]
+        info["correct_by"] = {rule: [right[k] for k in ks] for rule, ks in picks.items()}
+        info["truth_rank"] = info["order"].index(right.index(True)) if any(right) else None
+    return a1, a2, info
 
 
 def solve_task(model: Any, task: Task, cfg: SolveConfig, device: torch.device) -> TaskPrediction:
-    """Predict every test output of a task under cfg.views views and vote two attempts for each."""
+    """Predict every test output of a task under cfg.views views and choose two attempts for each
+    (by ``cfg.select``)."""
     t0 = time.time()
     views = augment.views(cfg.views, seed=cfg.seed, colours=cfg.colour_views)
     jobs: list[_Job] = []
@@ -258,33 +371,17 @@ def solve_task(model: Any, task: Task, cfg: SolveConfig, device: torch.device) -
             except DoesNotFit as e:
                 jobs.append(_Job(i, view, None, f"prompt does not fit the model's max_seq_len {model.cfg.max_seq_len}: {e}"))
     runnable = sorted((j for j in jobs if j.prompt is not None), key=lambda j: len(j.prompt.ids))
-    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
-    for start in range(0, len(runnable), cfg.batch):
-        chunk = runnable[start : start + cfg.batch]
-        for job, res in zip(chunk, decode(model, [j.prompt for j in chunk], device, temperature=cfg.temperature,
-                                         generator=generator, dtype=cfg.dtype)):
-            job.result = res
-    generated = sum(len(j.result[0]) for j in runnable)
+    generated = _decode_jobs(model, runnable, cfg, device)
+    t_decoded = time.time()
 
     tests = []
     for i, pair in enumerate(task.test):
-        candidates = []
-        for job in (j for j in jobs if j.test_index == i):
-            if job.result is None:
-                candidates.append(vote.Candidate(None, -math.inf, str(job.view), job.reason))
-                continue
-            ids, mean_lp = job.result
-            out = decode_grid(ids)
-            if out.ok:
-                candidates.append(vote.Candidate(job.view.invert_grid(out.grid), mean_lp, str(job.view)))
-            else:
-                candidates.append(vote.Candidate(None, mean_lp, str(job.view), out.reason))
-        a1, a2, info = vote.two_attempts(candidates)
-        correct = None
-        if pair.output is not None:
-            correct = [same_grid(a, pair.output) for a in (a1, a2)]
+        a1, a2, info = _choose(model, [j for j in jobs if j.test_index == i], cfg, device, pair.output)
+        correct = None if pair.output is None else [same_grid(a, pair.output) for a in (a1, a2)]
         tests.append(TestPrediction(a1, a2, info, correct))
-    return TaskPrediction(task.id, tests, time.time() - t0, generated)
+    done = time.time()
+    return TaskPrediction(task.id, tests, done - t0, generated,
+                          {"decode": round(t_decoded - t0, 3), "score": round(done - t_decoded, 3)})
 
 
 class Adapter(Protocol):

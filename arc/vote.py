@@ -7,7 +7,9 @@ pool their votes; the two best grids become attempt_1 and attempt_2.
 
 Ranking, best first:
 
-1. more votes (well-formed candidates with exactly this grid: shape and every cell);
+1. more votes (well-formed candidates with exactly this grid: shape and every cell; each candidate
+   brings its ``votes``, 1 unless the solver says otherwise: the extra grids of a candidate search
+   bring 0, so they compete only on scores and never outvote what the views' greedy grids agree on);
 2. higher ``mean_logprob``: the *average* over the group's members of each member's mean
    log-probability per token. The average, not the maximum, so that one over-confident sample
    cannot lift a grid that the other views disagree with; at equal votes it orders groups
@@ -42,8 +44,11 @@ class Candidate:
     mean_logprob: float = 0.0  # mean log-probability per generated token
     view: str = ""  # which view / transform / sample produced it, for the report
     reason: str | None = None  # why it is malformed; None for a grid
+    votes: int = 1  # what it adds to its grid's vote count (0: a candidate, not a vote)
 
     def __post_init__(self) -> None:
+        if self.votes < 0:
+            raise ValueError(f"candidate {self.view!r}: votes must be >= 0, got {self.votes}")
         if self.grid is not None:
             grid = np.asarray(self.grid)
             if grid.ndim != 2 or grid.size == 0 or not np.issubdtype(grid.dtype, np.integer):
@@ -101,7 +106,7 @@ def rank(candidates: Sequence[Candidate]) -> list[Ballot]:
     ballots = []
     for members in groups.values():
         mean = _exact_mean([c.mean_logprob for c in members])
-        ballots.append(Ballot(members[0].grid.copy(), len(members), mean, tuple(c.view for c in members)))
+        ballots.append(Ballot(members[0].grid.copy(), sum(c.votes for c in members), mean, tuple(c.view for c in members)))
     return sorted(ballots, key=_rank_key)
 
 

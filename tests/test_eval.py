@@ -224,6 +224,7 @@ def without_timings(results: dict) -> dict:
     r["run"]["settings"]["eval"].pop("out")
     for t in r["tasks"].values():
         t["info"].pop("seconds")
+        t["info"].pop("timings")
         for test in t["tests"]:
             (test["info"].get("adapt") or {}).pop("seconds", None)
     return r
@@ -523,3 +524,35 @@ def test_an_unknown_dtype_is_refused_with_the_flag_named():
         SolveConfig(dtype="float16")
     with pytest.raises(ValueError, match="--dtype must be one of"):
         TTTConfig(dtype="half")
+
+
+def test_product_selection_end_to_end_records_what_every_rule_scores(tmp_path):
+    """The ten-fold task (ten 1x1 answers to one input) with the search on: results.json's score is
+    the submission's and the chosen rule's, each rule's figure is what its picks score, and a
+    --select product run without search scores by its vote rule exactly what --select vote scores."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    grid = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    demos = [{"input": grid, "output": [[c]]} for c in (3, 5)]
+    (folder / "tenfold.json").write_text(json.dumps({"train": demos, "test": [{"input": grid, "output": [[c]]} for c in range(10)]}))
+    write_tasks(folder, n=2)
+    tasks = load_tasks(str(folder), "eval")
+    ckpt = save_model(short_answer_model(), tmp_path / "m.pt")
+
+    assert eval_cli.main(eval_args(ckpt, folder, tmp_path / "both", "--views", "4", "--select", "both", "--search", "0.02")) == 0
+    results = check_score_is_the_submissions(tmp_path / "both", tasks)
+    by = results["run"]["by_select"]
+    assert set(by) == {"vote", "product", "both"} and by["both"]["score"] == pytest.approx(results["score"])
+    tests = results["tasks"]["tenfold"]["tests"]
+    assert all(t["info"]["search"]["tokens"] > 0 and len(t["info"]["score_views"]) == 4 for t in tests)
+    assert max(len(t["info"]["ballots"]) for t in tests) > 1  # the search found more than the greedy grid
+    for rule in by:
+        per_task = [sum(any(t["info"]["correct_by"][rule]) for t in e["tests"]) / len(e["tests"]) for e in results["tasks"].values()]
+        assert by[rule]["score"] == pytest.approx(sum(per_task) / len(per_task))
+    assert "candidates, best first by --select both" in (tmp_path / "both" / "report.html").read_text()
+
+    assert eval_cli.main(eval_args(ckpt, folder, tmp_path / "vote")) == 0
+    assert eval_cli.main(eval_args(ckpt, folder, tmp_path / "product", "--select", "product")) == 0
+    vote, product = read(tmp_path / "vote" / "results.json"), read(tmp_path / "product" / "results.json")
+    assert product["run"]["by_select"]["vote"]["score"] == pytest.approx(vote["score"])
+    assert product["run"]["by_select"]["product"]["score"] == pytest.approx(product["score"])

@@ -282,3 +282,27 @@ def test_grid_svg_draws_grid_lines_and_rejects_non_colours():
         grid_svg([[10]])
     with pytest.raises(ValueError):
         grid_svg(np.zeros((0, 3), dtype=int))
+
+
+def test_candidates_are_shown_best_first_with_the_truth_marked(tmp_path):
+    """A test whose right grid was a runner-up: the report lists the kept candidates in the order of
+    the selection rule, with votes and scores, and marks the one equal to the truth."""
+    task = Task("runner-up", (Pair(A, A),), (Pair(A, B),))
+    wrong = np.array([[1, 1], [1, 1]])
+    info = {"select": "product", "score_views": ["identity", "rot90"], "order": [1, 0, 2], "votes": [3, 2, 1],
+            "ballots": [{"votes": 3, "score": -7.5, "grid": wrong.tolist()},
+                        {"votes": 2, "score": -1.25, "grid": C.tolist()},
+                        {"votes": 1, "score": -9.0, "grid": B.tolist()}]}
+    results = build_results(score_submission({"runner-up": [{"attempt_1": C, "attempt_2": wrong}]}, [task]),
+                            test_info={"runner-up": [info]})
+    path = tmp_path / "r.html"
+    write_report(path, results, [task])
+    text, page = parse(path)
+    assert not page.errors
+    section = re.search(r'<section class="task".*?</section>', text, flags=re.S).group(0)
+    labels = re.findall(r'<figure class="candidate[^"]*"><div class="label">([^<]*)', section)
+    assert [x.strip() for x in labels] == ["#1: 2 votes, log p -1.2", "#2: 3 votes, log p -7.5", "#3: 1 vote, log p -9.0"]
+    assert section.count('class="candidate truth"') == 1 and "= truth" in section
+    assert "identity · rot90" in section
+    # the attempts are still the two scored figures
+    assert page.sections[0]["attempts"] == ["wrong", "wrong"]

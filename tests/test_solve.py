@@ -188,3 +188,21 @@ def test_the_solver_runs_prefill_and_every_step_under_its_dtype(dtype, autocast)
     pred = solve_task(model, make_task(0), SolveConfig(views=2, dtype=dtype), CPU)
     assert pred.tests[0].attempt_1.tolist() == [[3, 4], [5, 6]]
     assert len(seen) > 2 and set(seen) == {autocast}
+
+
+def test_answer_layouts_of_a_batch_are_each_answers_alone():
+    """One tracker walking answers of different lengths together gives each one's tokens, positions
+    and grammar masks as a tracker of its own does (finished rows must not disturb the others)."""
+    from arc.solve import answer_layouts
+
+    tasks = [make_task(s) for s in range(3)]
+    prompts = [encode_prompt(t.demos, t.test[0].input) for t in tasks]
+    answers = [np.ones((1, 1), dtype=np.int64), np.arange(12).reshape(3, 4) % 10, np.zeros((5, 2), dtype=np.int64)]
+    budgets = [40, 40, 12]  # the last answer (5 x 3 + 1 = 16 tokens) does not fit its budget: masked out at the end
+    together = answer_layouts(prompts, answers, budgets, VOCAB_SIZE)
+    for i in range(3):
+        (alone,) = answer_layouts(prompts[i:i + 1], answers[i:i + 1], budgets[i:i + 1], VOCAB_SIZE)
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(alone, together[i]))
+    tail, pos, mask = together[2]
+    assert len(tail) == 16 and pos.shape == (16, pos.shape[1]) and mask.shape == (16, VOCAB_SIZE)
+    assert not mask[np.arange(16), torch.as_tensor(tail)].all()  # the grammar refuses what cannot end in 12 tokens
