@@ -10,10 +10,10 @@ Ranking, best first:
 1. more votes (well-formed candidates with exactly this grid: shape and every cell; each candidate
    brings its ``votes``, 1 unless the solver says otherwise: the extra grids of a candidate search
    bring 0, so they compete only on scores and never outvote what the views' greedy grids agree on);
-2. higher ``mean_logprob``: the *average* over the group's members of each member's mean
-   log-probability per token. The average, not the maximum, so that one over-confident sample
-   cannot lift a grid that the other views disagree with; at equal votes it orders groups
-   exactly as the sum would. NaN counts as -inf;
+2. higher ``mean_logprob``: the *average* over the group's members (those with a vote, when
+   there are any) of each member's mean log-probability per token. The average, not the maximum,
+   so that one over-confident sample cannot lift a grid that the other views disagree with; at
+   equal votes it orders groups exactly as the sum would. NaN counts as -inf;
 3. a fixed order on the grids themselves (smaller shape first, then cells lexicographically),
    so the result does not depend on the order the candidates arrive in.
 
@@ -105,7 +105,8 @@ def rank(candidates: Sequence[Candidate]) -> list[Ballot]:
             groups.setdefault((c.grid.shape, c.grid.tobytes()), []).append(c)
     ballots = []
     for members in groups.values():
-        mean = _exact_mean([c.mean_logprob for c in members])
+        voters = [c for c in members if c.votes > 0] or members  # extras (no vote) never move a voted grid's tie-break
+        mean = _exact_mean([c.mean_logprob for c in voters])
         ballots.append(Ballot(members[0].grid.copy(), sum(c.votes for c in members), mean, tuple(c.view for c in members)))
     return sorted(ballots, key=_rank_key)
 

@@ -242,3 +242,17 @@ def test_ranking_does_not_depend_on_candidate_order(cands, rnd):
     ballots = rank(cands)
     assert sum(b.votes for b in ballots) == sum(c.ok for c in cands)
     assert all(a.votes >= b.votes for a, b in zip(ballots, ballots[1:]))
+
+
+def test_candidates_without_a_vote_never_change_what_the_votes_choose():
+    """Extra candidates (votes=0, from a search) join their grid's ballot but move neither its vote
+    count nor its tie-break; a grid only they propose ranks after every voted grid."""
+    a, b, c = np.full((1, 1), 1), np.full((1, 1), 2), np.full((1, 1), 3)
+    voted = [Candidate(a, -1.0, "v1"), Candidate(b, -0.5, "v2")]
+    extras = [Candidate(a, -9.0, "v2", votes=0), Candidate(c, -0.1, "v1", votes=0)]
+    plain, mixed = rank(voted), rank(voted + extras)
+    assert [x.grid.tolist() for x in plain] == [x.grid.tolist() for x in mixed[:2]] == [[[2]], [[1]]]
+    assert [x.votes for x in mixed] == [1, 1, 0] and mixed[2].grid.tolist() == [[3]]
+    assert [x.mean_logprob for x in mixed[:2]] == [x.mean_logprob for x in plain]
+    with pytest.raises(ValueError, match="votes"):
+        Candidate(a, votes=-1)
