@@ -60,7 +60,8 @@ class SolveConfig:
                                     "grids get no vote: they matter with --select product or both")
     search_max: int = help_field(8, "--search: grids kept per view (the most probable, and the greedy one)")
     search_rows: int = help_field(16, "--search: partial grids explored at once per view (caps its cost)")
-    score_max: int = help_field(16, "--select product/both: distinct grids scored per test input (the most voted)")
+    score_max: int = help_field(64, "--select product/both: distinct grids scored per test input (the most voted first; "
+                                    "64 = every grid a --search with the default --search_max finds under 8 views)")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

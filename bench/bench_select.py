@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--ttt_lr", type=float, default=3e-4)
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--search", type=float, default=0.1)
+    ap.add_argument("--score_max", type=int, default=SolveConfig.score_max, help="distinct grids scored per test input")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
@@ -73,8 +74,8 @@ def main() -> None:
     if args.pick == "sample":
         tasks, _ = select_tasks(tasks, sample=args.tasks, seed=args.seed)
     tasks = tasks[: args.tasks]
-    arms = {"greedy": SolveConfig(views=args.views, select="both", dtype=args.dtype),
-            "search": SolveConfig(views=args.views, select="both", search=args.search, dtype=args.dtype)}
+    arms = {"greedy": SolveConfig(views=args.views, select="both", dtype=args.dtype, score_max=args.score_max),
+            "search": SolveConfig(views=args.views, select="both", search=args.search, dtype=args.dtype, score_max=args.score_max)}
     unknown = set(args.arms.split(",")) - set(arms)
     if unknown:
         ap.error(f"--arms: unknown {sorted(unknown)}; choose from {list(arms)}")
@@ -135,6 +136,7 @@ def render(args: argparse.Namespace, records: list[dict], params: int) -> str:
     lines = [header(f"python bench/bench_select.py --ckpt {args.ckpt} --tasks {args.tasks} --pick {args.pick}"
                     + (f" --seed {args.seed}" if args.pick == "sample" else "")
                     + f" --ttt_steps {args.ttt_steps} --views {args.views} --search {args.search} --dtype {args.dtype}"
+                    + f" --score_max {getattr(args, 'score_max', 16)}"
                     + f" --arms {getattr(args, 'arms', 'greedy,search')}"),
              f"{n} {args.data} {args.split} tasks ({picked}): {', '.join(r['task_id'] for r in records)}. "
              f"{params / 1e6:.2f}M parameters, {args.views} views, test-time training {args.ttt_steps} steps"
