@@ -6,17 +6,17 @@ and their later "product of experts" scoring), written here for our decoder and 
 1. :func:`search`: under one view, every output grid whose probability is at least ``threshold``
    (the probability under the constrained decoder: at each step the model's distribution
    renormalised over the tokens that keep the grid well formed, as :func:`arc.solve.teacher_forced`
-   reads it). Because the probabilities of all continuations of a prefix sum to one, at most
-   ``1 / threshold`` prefixes of any length can clear the bar, so a breadth-first walk over the
+   reads it). Because the prefixes of one length are disjoint events whose probabilities sum to at
+   most one, at most ``1 / threshold`` of them can clear the bar, so a breadth-first walk over the
    prefixes, one batched decoding step per depth with the cache rows copied for each kept child,
    finds them all at a bounded cost. The greedy path is always followed as well
    (``keep_greedy``), so the greedy grid is among the results whatever the threshold and the
    search replaces the plain greedy decode instead of adding to it.
 2. :func:`view_scores` and :func:`product_rank`: each distinct candidate grid (already mapped back
    to the task's frame) is transformed into every view and read by the model under teacher forcing
-   after that view's prompt (all views' reads batched together); its score is the sum over views of its log-probability, i.e. the log
-   of the product of the views' probabilities. A wrong grid that one view likes is rarely liked by
-   all of them.
+   after that view's prompt (all views' reads batched together); its score is the sum over views of
+   its log-probability, i.e. the log of the product of the views' probabilities. A wrong grid that
+   one view likes is rarely liked by all of them.
 
 :func:`selections` turns the ranked ballots into the attempts of every selection rule (``vote``,
 ``product``, ``both``), so one run can report all three. Nothing here reads a test output.
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,6 @@ from arc.loss import autocast_for
 from arc.tokens import EOO, MIN_ANSWER_TOKENS, Encoded, LayoutTracker, grid_tokens
 from arc.vote import Ballot
 
-Select = Literal["vote", "product", "both"]
 SELECTS: tuple[str, ...] = ("vote", "product", "both")
 
 
