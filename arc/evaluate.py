@@ -368,7 +368,7 @@ def evaluate(cfg: EvalConfig, solve_cfg: SolveConfig, ttt_cfg: TTTConfig | None 
         "resumed_tasks": len(tasks) - len(todo),
         "by_select": candidates.by_select([r["tests"] for r in records]),
     }
-    if run["by_select"]:
+    if solve_cfg.select != "vote":
         log.info("by selection rule: %s", "; ".join(f"{rule} {v['score']:.3f} ({v['tasks_solved']}/{v['tasks_scored']} tasks)"
                                                     for rule, v in run["by_select"].items() if v["score"] is not None))
     task_info = {r["task_id"]: {"seconds": r["seconds"], "generated_tokens": r["generated_tokens"],
