@@ -23,12 +23,11 @@ import time
 import torch
 
 from common import emit, header
-from bench_ttt import task_tokens
-from arc import data
+from bench_ttt import pick_tasks, picked, task_tokens
 from arc import augment
 from arc.candidates import SELECTS, by_select, product_score, view_scores
 from arc.tokens import DoesNotFit, encode_prompt
-from arc.evaluate import load_model, select_tasks
+from arc.evaluate import load_model
 from arc.solve import SolveConfig, solve_task
 from arc.ttt import TaskFineTuner, TTTConfig
 
@@ -68,12 +67,7 @@ def main() -> None:
 
     device = torch.device("cpu")
     model, _ = load_model(args.ckpt, device)
-    tasks = [t for t in data.load_tasks(args.data, args.split) if all(p.output is not None for p in t.test)]
-    if args.pick == "shortest":
-        tasks = sorted(tasks, key=lambda t: (task_tokens(t), t.id))
-    if args.pick == "sample":
-        tasks, _ = select_tasks(tasks, sample=args.tasks, seed=args.seed)
-    tasks = tasks[: args.tasks]
+    tasks = pick_tasks(args)
     arms = {"greedy": SolveConfig(views=args.views, select="both", dtype=args.dtype, score_max=args.score_max),
             "search": SolveConfig(views=args.views, select="both", search=args.search, dtype=args.dtype, score_max=args.score_max)}
     unknown = set(args.arms.split(",")) - set(arms)
@@ -132,13 +126,12 @@ def render(args: argparse.Namespace, records: list[dict], params: int) -> str:
     """The markdown of a run: the command, the tasks, one row per candidates x rule, the search's cost."""
     arms = [a for a in ("greedy", "search") if a in getattr(args, "arms", "greedy,search").split(",")]
     n = len(records)
-    picked = {"shortest": "fewest tokens", "first": "first by id", "sample": f"eval.py --sample {args.tasks} --seed {args.seed}"}[args.pick]
     lines = [header(f"python bench/bench_select.py --ckpt {args.ckpt} --tasks {args.tasks} --pick {args.pick}"
                     + (f" --seed {args.seed}" if args.pick == "sample" else "")
                     + f" --ttt_steps {args.ttt_steps} --views {args.views} --search {args.search} --dtype {args.dtype}"
                     + f" --score_max {getattr(args, 'score_max', 16)}"
                     + f" --arms {getattr(args, 'arms', 'greedy,search')}"),
-             f"{n} {args.data} {args.split} tasks ({picked}): {', '.join(r['task_id'] for r in records)}. "
+             f"{n} {args.data} {args.split} tasks ({picked(args)}): {', '.join(r['task_id'] for r in records)}. "
              f"{params / 1e6:.2f}M parameters, {args.views} views, test-time training {args.ttt_steps} steps"
              + (f" (batch {args.ttt_batch}, lr {args.ttt_lr}, {sum(r['ttt_s'] for r in records) / n:.1f} s/task)" if args.ttt_steps else "") + ".", "",
              "| candidates | rule | tasks solved | score | test inputs with the truth among the candidates | ... ranked 1st / 2nd by product | decode s/task | scoring s/task |",

@@ -39,6 +39,22 @@ def task_tokens(task: data.Task) -> int:
     return sum(pair_length(p.input.shape, p.output.shape) for p in task.train + task.test if p.output is not None)
 
 
+def pick_tasks(args: argparse.Namespace) -> list[data.Task]:
+    """``args.tasks`` tasks of ``args.data``/``args.split`` with known test outputs, by ``args.pick``:
+    shortest (fewest tokens), first (by id, as eval.py --limit) or sample (eval.py's --sample N --seed S)."""
+    tasks = [t for t in data.load_tasks(args.data, args.split) if all(p.output is not None for p in t.test)]
+    if args.pick == "shortest":
+        tasks = sorted(tasks, key=lambda t: (task_tokens(t), t.id))
+    if args.pick == "sample":
+        tasks, _ = select_tasks(tasks, sample=args.tasks, seed=args.seed)
+    return tasks[: args.tasks]
+
+
+def picked(args: argparse.Namespace) -> str:
+    """How :func:`pick_tasks` chose, in words, for a benchmark's table header."""
+    return {"shortest": "fewest tokens", "first": "first by id", "sample": f"eval.py --sample {args.tasks} --seed {args.seed}"}[args.pick]
+
+
 @torch.no_grad()
 def test_output_fit(model, task: data.Task, device: torch.device) -> tuple[float, int, int]:
     """Summed loss, correct argmax tokens and target tokens over the task's test outputs."""
@@ -78,12 +94,7 @@ def main() -> None:
 
     device = torch.device("cpu")
     model, _ = load_model(args.ckpt, device)
-    tasks = [t for t in data.load_tasks(args.data, args.split) if all(p.output is not None for p in t.test)]
-    if args.pick == "shortest":
-        tasks = sorted(tasks, key=lambda t: (task_tokens(t), t.id))
-    if args.pick == "sample":
-        tasks, _ = select_tasks(tasks, sample=args.tasks, seed=args.seed)
-    tasks = tasks[: args.tasks]
+    tasks = pick_tasks(args)
     solve_cfg = SolveConfig(views=args.views)
     rows = []
     ttt_flags = dict(ttt_lr=args.ttt_lr, ttt_batch=args.ttt_batch, ttt_params=args.ttt_params, ttt_layers=args.ttt_layers,
@@ -119,7 +130,6 @@ def main() -> None:
                      right / count, steps_run / len(tasks), fit_seconds / max(steps_run, 1), fit_seconds / len(tasks),
                      seconds / len(tasks), [p.task_id for p in predictions if all(p.correct)]))
 
-    picked = {"shortest": "fewest tokens", "first": "first by id", "sample": f"eval.py --sample {args.tasks} --seed {args.seed}"}[args.pick]
     trains = {"all": "every weight", "lora": f"LoRA rank {args.ttt_lora_rank}, alpha {args.ttt_lora_alpha}"
               + (f", last {args.ttt_layers} blocks" if args.ttt_layers else ", every block"),
               "last": f"the last {args.ttt_layers} blocks + final norm"}[args.ttt_params]
@@ -129,7 +139,7 @@ def main() -> None:
                     + f" --ttt_params {args.ttt_params}" + (f" --ttt_layers {args.ttt_layers}" if args.ttt_layers else "")
                     + (f" --ttt_lora_rank {args.ttt_lora_rank} --ttt_lora_alpha {args.ttt_lora_alpha}" if args.ttt_params == "lora" else "")
                     + (f" --ttt_check_every {args.ttt_check_every}" if args.ttt_check_every else "")),
-             f"{len(tasks)} {args.data} {args.split} tasks ({picked}): {', '.join(t.id for t in tasks)}. "
+             f"{len(tasks)} {args.data} {args.split} tasks ({picked(args)}): {', '.join(t.id for t in tasks)}. "
              f"{model.num_params() / 1e6:.2f}M parameters, {args.views} views, TTT batch {args.ttt_batch}, lr {args.ttt_lr}, "
              f"trains {trains}{stops}.", "",
              "| TTT steps | score (pass@2) | tasks solved | attempts of the right shape | test-output loss | token accuracy "
