@@ -6,14 +6,17 @@ Every op here has one signature and two bodies:
   it is installed);
 - the **reference** twin is pure PyTorch: a causal depthwise conv, the chunked SSD form of the scan
   (matrix multiplies, with a numerically stable segment sum), one-token recurrence steps and a gated
-  RMSNorm. It is what runs on a CPU, and what the kernel twin is tested against.
+  RMSNorm. It is what the kernel twins are tested against;
+- on a CPU, the **C++** twin (:mod:`arc.cpu_scan`, built from ``arc/csrc/ssd_cpu.cpp`` on first use)
+  runs the scan as the plain recurrence, the conv and the gated norm, forward and backward, each in
+  one pass; where it cannot be built, CPU tensors take the reference twin and the reason is logged.
 
-The choice is made once, at import: the kernels are used when CUDA is available and their import
+The GPU choice is made once, at import: the kernels are used when CUDA is available and their import
 succeeds. A failing import (``ImportError``, or the ``OSError``/``RuntimeError`` a CUDA extension
 built against another torch raises) is caught, named, and logged once; nothing else is changed (the
-model config never is). Tensors on the CPU always take the reference twin, even where kernels exist.
-Force the reference twin with ``ARC_FORCE_REFERENCE=1`` in the environment or :func:`force_reference`
-(tests use :func:`reference_path` as a context manager).
+model config never is). Tensors on the CPU never take the CUDA kernels; they take the C++ twin
+where it builds. Force the reference twin everywhere with ``ARC_FORCE_REFERENCE=1`` in the
+environment or :func:`force_reference` (tests use :func:`reference_path` as a context manager).
 
 Shapes, as in ``mamba_ssm``: ``b`` batch, ``l`` length, ``h`` heads, ``p`` head dim, ``g`` groups,
 ``n`` state size, ``d`` conv channels (``h*p + 2*g*n``), ``w`` conv width.
@@ -28,6 +31,8 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from arc import cpu_scan
 
 logger = logging.getLogger(__name__)
 
@@ -74,19 +79,24 @@ KERNELS: Kernels = _probe()
 _forced: bool = os.environ.get(FORCE_ENV, "0") not in ("", "0")
 
 
-def describe() -> str:
-    """One line saying which Mamba2 path CUDA tensors take, and why (CPU tensors: always reference)."""
+def describe(build: bool = True) -> str:
+    """One line saying which Mamba2 path CUDA and CPU tensors take, and why. ``build=False`` does not
+    build the CPU extension to say so (the import-time line)."""
     if _forced:
         return f"Mamba2 path: pure-PyTorch reference (forced; kernels: {KERNELS.reason})"
+    if build or cpu_scan.tried():
+        cpu = "C++ scan, conv and gated norm" if cpu_scan.available() else f"pure-PyTorch reference ({cpu_scan.reason()})"
+    else:
+        cpu = "C++ scan, conv and gated norm if they build (on first use)"
     if KERNELS.available:
-        return f"Mamba2 path: fused kernels on CUDA tensors ({KERNELS.reason}); CPU tensors use the reference"
-    return f"Mamba2 path: pure-PyTorch reference ({KERNELS.reason})"
+        return f"Mamba2 path: fused kernels on CUDA tensors ({KERNELS.reason}); CPU tensors: {cpu}"
+    return f"Mamba2 path on CPU: {cpu}; no GPU kernels ({KERNELS.reason})"
 
 
 if KERNELS.available or not torch.cuda.is_available():
-    logger.info(describe())
+    logger.info(describe(build=False))
 else:  # a GPU without its kernels is slow: say so loudly
-    logger.warning(describe())
+    logger.warning(describe(build=False))
 
 
 def force_reference(flag: bool = True) -> None:
@@ -110,6 +120,12 @@ def reference_path() -> Iterator[None]:
 def use_kernels(t: torch.Tensor) -> bool:
     """True when an op on ``t`` takes the kernel twin: kernels imported, not forced off, CUDA tensor."""
     return KERNELS.available and not _forced and t.is_cuda
+
+
+def use_cpu_scan(t: torch.Tensor) -> bool:
+    """True when the scan on ``t`` takes the C++ twin (arc/cpu_scan.py): a CPU tensor, not forced onto
+    the reference, and the extension built (the first call builds it)."""
+    return t.device.type == "cpu" and not _forced and cpu_scan.available()
 
 
 # ---- reference twins ----------------------------------------------------------------------------
@@ -228,6 +244,14 @@ def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: f
     """``mamba_ssm``'s gated RMSNorm with norm_before_gate=False: RMS-normalise ``y * silu(z)`` over
     each group of ``group_size`` channels, then scale by ``weight``. Computed in float32, returned
     in y's dtype. y, z (..., d), weight (d,)."""
+    if use_cpu_scan(y):
+        with torch.autocast(device_type="cpu", enabled=False):
+            return cpu_scan.gated_rmsnorm(y, z, weight, eps, group_size)
+    return gated_rmsnorm_ref(y, z, weight, eps, group_size)
+
+
+def gated_rmsnorm_ref(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int) -> torch.Tensor:
+    """The reference twin of :func:`gated_rmsnorm` (plain PyTorch)."""
     with torch.autocast(device_type=y.device.type, enabled=False):
         wide = torch.promote_types(y.dtype, torch.float32)
         u = y.to(wide) * F.silu(z.to(wide))  # (..., d)
@@ -254,6 +278,9 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
         wide = torch.promote_types(x.dtype, torch.float32)
         dt = F.softplus(dt.to(wide) + dt_bias.to(wide))  # (b, l, h)
         xw, A, B, C = x.to(wide), A.to(wide), B.to(wide), C.to(wide)
+        if use_cpu_scan(x):
+            y, state = cpu_scan.scan(xw, dt, A, B, C)
+            return (y + D.to(wide)[:, None] * xw).to(x.dtype), (state if return_state else None)
         parts = [ssd_chunked_ref(xw[s], dt[s], A, B[s], C[s], chunk_size) for s in _batch_pieces(x)]
         y = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]  # (b, l, h, p)
         y = y + D.to(wide)[:, None] * xw
@@ -286,6 +313,9 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         if not (xt.stride(2) == 1 or channel_last_ok):
             xt = xt.contiguous()
         return KERNELS.conv_fn(xt, weight.squeeze(1), bias, activation="silu").transpose(1, 2)
+    if use_cpu_scan(x):
+        with torch.autocast(device_type="cpu", enabled=False):
+            return cpu_scan.conv(x, weight, bias)
     pieces = _batch_pieces(x)
     if len(pieces) == 1:
         return causal_conv1d_ref(x, weight, bias)
@@ -315,5 +345,7 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
         wide = state.dtype
         dt = F.softplus(dt.to(wide) + dt_bias.to(wide))  # (b, h)
         xw = x.to(wide)
+        if use_cpu_scan(x) and state.is_contiguous():
+            return cpu_scan.step_(state, xw, dt, A, B, C) + D.to(wide)[:, None] * xw
         y = ssd_step_ref(state, xw, dt, A.to(wide), B.to(wide), C.to(wide))  # (b, h, p)
         return y + D.to(wide)[:, None] * xw

@@ -1,0 +1,545 @@
+// The Mamba2 scan on a CPU, as the plain recurrence, forward and backward, in one pass over the
+// sequence per (batch row, head). Built on first use by arc/cpu_scan.py (torch.utils.cpp_extension).
+//
+//   s_t = exp(dt_t * A) s_{t-1} + (dt_t x_t) B_t^T        s: (p, n) per head, s_{-1} = initial state
+//   y_t = s_t C_t
+//
+// Why the recurrence and not the chunked matrix form: at ARC's lengths (0.5k-2k tokens) and this
+// model's sizes (p = n = 64) both cost about p * n multiply-adds per token and head, but the
+// recurrence keeps one head's state (16 KiB in float32) in the L1 cache for the whole sequence,
+// where the chunked form streams (chunk x chunk) and (p x n) matrices through memory in many
+// separate passes. Every inner loop runs over the state's n entries: contiguous, vectorised.
+//
+// Shapes (all contiguous, one dtype, float32 or float64): x (b, l, h, p), dt (b, l, h) after
+// softplus, A (h,), B and C (b, l, g, n), state (b, h, p, n). Heads h are split evenly over the
+// groups g (head i reads group i / (h / g)).
+//
+// The backward recomputes the states: a forward pass keeps the state entering every block of
+// `kBlock` tokens, then the blocks are walked backwards, each block's states recomputed from its
+// entry state into a small buffer (kBlock x p x n), so the extra memory is per thread, not per token.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 16;
+
+struct Dims {
+  int64_t b, l, h, p, g, n;
+};
+
+Dims dims_of(const at::Tensor& x, const at::Tensor& B) {
+  return {x.size(0), x.size(1), x.size(2), x.size(3), B.size(2), B.size(3)};
+}
+
+void check(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+           const at::Tensor& C, const at::Tensor& state) {
+  TORCH_CHECK(x.device().is_cpu(), "ssd_cpu: tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 4 && dt.dim() == 3 && A.dim() == 1 && B.dim() == 4 && C.dim() == 4 && state.dim() == 4,
+              "ssd_cpu: expected x (b,l,h,p), dt (b,l,h), A (h), B/C (b,l,g,n), state (b,h,p,n)");
+  for (const at::Tensor* t : {&dt, &A, &B, &C, &state}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "ssd_cpu: all tensors must share x's dtype");
+    TORCH_CHECK(t->is_contiguous(), "ssd_cpu: tensors must be contiguous");
+  }
+  TORCH_CHECK(x.is_contiguous(), "ssd_cpu: tensors must be contiguous");
+  const Dims d = dims_of(x, B);
+  TORCH_CHECK(d.h % d.g == 0, "ssd_cpu: heads must be a multiple of groups");
+  TORCH_CHECK(dt.size(0) == d.b && dt.size(1) == d.l && dt.size(2) == d.h && A.size(0) == d.h, "ssd_cpu: dt/A shape");
+  TORCH_CHECK(B.sizes() == C.sizes() && B.size(0) == d.b && B.size(1) == d.l, "ssd_cpu: B/C shape");
+  TORCH_CHECK(state.size(0) == d.b && state.size(1) == d.h && state.size(2) == d.p && state.size(3) == d.n,
+              "ssd_cpu: state shape");
+}
+
+// One token of the forward: s = e * s + xd B^T, and y = s C when kOut (else the states only).
+// N is the state size when known at compile time (the common sizes), else 0 and n is read at run time.
+template <typename T, bool kOut, int N>
+inline void step(T* __restrict__ s, const T* __restrict__ xv, T dtv, T e, const T* __restrict__ Bv,
+                 const T* __restrict__ Cv, T* __restrict__ y, int64_t p, int64_t n_rt) {
+  const int64_t n = N > 0 ? N : n_rt;
+  for (int64_t i = 0; i < p; ++i) {
+    T* __restrict__ row = s + i * n;
+    const T xd = xv[i] * dtv;
+    if constexpr (kOut) {
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < n; ++k) {
+        const T v = row[k] * e + xd * Bv[k];
+        row[k] = v;
+        acc += v * Cv[k];
+      }
+      y[i] = acc;
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) row[k] = row[k] * e + xd * Bv[k];
+    }
+  }
+}
+
+// The same state update out of place: dst = e * src + xd B^T (no output).
+template <typename T, int N>
+inline void step_into(T* __restrict__ dst, const T* __restrict__ src, const T* __restrict__ xv, T dtv, T e,
+                      const T* __restrict__ Bv, int64_t p, int64_t n_rt) {
+  const int64_t n = N > 0 ? N : n_rt;
+  for (int64_t i = 0; i < p; ++i) {
+    const T xd = xv[i] * dtv;
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) dst[i * n + k] = src[i * n + k] * e + xd * Bv[k];
+  }
+}
+
+// Calls f.template operator()<N>() with N = n for the state sizes worth specialising, else N = 0.
+template <typename F>
+void with_state_size(int64_t n, F&& f) {
+  switch (n) {
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    default: f(std::integral_constant<int, 0>{});
+  }
+}
+
+template <typename T, int N>
+void forward_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                  const at::Tensor& C, at::Tensor& state, at::Tensor& y) {
+  const Dims d = dims_of(x, B);
+  const int64_t r = d.h / d.g;
+  const T* X = x.data_ptr<T>();
+  const T* DT = dt.data_ptr<T>();
+  const T* AA = A.data_ptr<T>();
+  const T* BB = B.data_ptr<T>();
+  const T* CC = C.data_ptr<T>();
+  T* S = state.data_ptr<T>();
+  T* Y = y.data_ptr<T>();
+  at::parallel_for(0, d.b * d.h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t bi = bh / d.h, hi = bh % d.h, gi = hi / r;
+      T* s = S + bh * d.p * d.n;
+      const T a = AA[hi];
+      for (int64_t t = 0; t < d.l; ++t) {
+        const int64_t tok = bi * d.l + t;
+        const T dtv = DT[tok * d.h + hi];
+        step<T, true, N>(s, X + (tok * d.h + hi) * d.p, dtv, std::exp(dtv * a), BB + (tok * d.g + gi) * d.n,
+                CC + (tok * d.g + gi) * d.n, Y + (tok * d.h + hi) * d.p, d.p, d.n);
+      }
+    }
+  });
+}
+
+template <typename T, int N>
+void backward_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                   const at::Tensor& C, const at::Tensor& state0, const at::Tensor& dy, const at::Tensor& dstate,
+                   at::Tensor& dx, at::Tensor& ddt, at::Tensor& dA_bh, at::Tensor& dB_h, at::Tensor& dC_h,
+                   at::Tensor& dstate0) {
+  const Dims d = dims_of(x, B);
+  const int64_t r = d.h / d.g, pn = d.p * d.n;
+  const int64_t nblocks = (d.l + kBlock - 1) / kBlock;
+  const T* X = x.data_ptr<T>();
+  const T* DT = dt.data_ptr<T>();
+  const T* AA = A.data_ptr<T>();
+  const T* BB = B.data_ptr<T>();
+  const T* CC = C.data_ptr<T>();
+  const T* S0 = state0.data_ptr<T>();
+  const T* DY = dy.data_ptr<T>();
+  const T* DS = dstate.data_ptr<T>();
+  T* DX = dx.data_ptr<T>();
+  T* DDT = ddt.data_ptr<T>();
+  T* DA = dA_bh.data_ptr<T>();
+  T* DBh = dB_h.data_ptr<T>();  // (b, l, h, n): per head, summed over a group's heads by the caller
+  T* DCh = dC_h.data_ptr<T>();
+  T* DS0 = dstate0.data_ptr<T>();
+  at::parallel_for(0, d.b * d.h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> entry(nblocks * pn);     // the state entering each block
+    std::vector<T> states((kBlock + 1) * pn);  // one block's states: [0] entering, [j + 1] after token j
+    std::vector<T> g(pn);                    // dL/ds_t, walked backwards
+    std::vector<T> dxd(d.p);
+    std::vector<T> acc(2 * d.n);             // dB_t, dC_t of one token, summed over the head's rows
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t bi = bh / d.h, hi = bh % d.h, gi = hi / r;
+      const T a = AA[hi];
+      auto tok_of = [&](int64_t t) { return bi * d.l + t; };
+      // 1. forward again, keeping each block's entry state
+      std::copy(S0 + bh * pn, S0 + (bh + 1) * pn, states.begin());
+      for (int64_t t = 0; t < d.l; ++t) {
+        if (t % kBlock == 0) std::copy(states.begin(), states.begin() + pn, entry.begin() + (t / kBlock) * pn);
+        const int64_t tok = tok_of(t);
+        const T dtv = DT[tok * d.h + hi];
+        step<T, false, N>(states.data(), X + (tok * d.h + hi) * d.p, dtv, std::exp(dtv * a), BB + (tok * d.g + gi) * d.n,
+                nullptr, nullptr, d.p, d.n);
+      }
+      // 2. backwards, block by block
+      std::copy(DS + bh * pn, DS + (bh + 1) * pn, g.begin());
+      T dA_acc = 0;
+      for (int64_t kb = nblocks - 1; kb >= 0; --kb) {
+        const int64_t t0 = kb * kBlock, t1 = std::min(d.l, t0 + kBlock);
+        std::copy(entry.begin() + kb * pn, entry.begin() + (kb + 1) * pn, states.begin());
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t tok = tok_of(t), j = t - t0;
+          const T dtv = DT[tok * d.h + hi];
+          step_into<T, N>(states.data() + (j + 1) * pn, states.data() + j * pn, X + (tok * d.h + hi) * d.p, dtv,
+                          std::exp(dtv * a), BB + (tok * d.g + gi) * d.n, d.p, d.n);
+        }
+        for (int64_t t = t1 - 1; t >= t0; --t) {
+          const int64_t tok = tok_of(t), j = t - t0;
+          const T* s_t = states.data() + (j + 1) * pn;
+          const T* s_prev = states.data() + j * pn;
+          const T* xv = X + (tok * d.h + hi) * d.p;
+          const T* Bv = BB + (tok * d.g + gi) * d.n;
+          const T* Cv = CC + (tok * d.g + gi) * d.n;
+          const T* dyv = DY + (tok * d.h + hi) * d.p;
+          T* __restrict__ dBv = DBh + (tok * d.h + hi) * d.n;
+          T* __restrict__ dCv = DCh + (tok * d.h + hi) * d.n;
+          const T dtv = DT[tok * d.h + hi];
+          const T e = std::exp(dtv * a);
+          const int64_t n = N > 0 ? N : d.n;
+          T* __restrict__ dBa = acc.data();
+          T* __restrict__ dCa = acc.data() + n;
+          for (int64_t k = 0; k < 2 * n; ++k) acc[k] = 0;
+          T de = 0;
+          // four rows at a time: four independent dot-product chains instead of one
+          int64_t i = 0;
+          for (; i + 4 <= d.p; i += 4) {
+            T* __restrict__ g0 = g.data() + i * n;
+            T* __restrict__ g1 = g0 + n;
+            T* __restrict__ g2 = g1 + n;
+            T* __restrict__ g3 = g2 + n;
+            const T* __restrict__ s0 = s_t + i * n;
+            const T* __restrict__ p0 = s_prev + i * n;
+            const T y0 = dyv[i], y1 = dyv[i + 1], y2 = dyv[i + 2], y3 = dyv[i + 3];
+            const T x0 = xv[i] * dtv, x1 = xv[i + 1] * dtv, x2 = xv[i + 2] * dtv, x3 = xv[i + 3] * dtv;
+            T d0 = 0, d1 = 0, d2 = 0, d3 = 0, de_i = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3, de_i)
+            for (int64_t k = 0; k < n; ++k) {
+              const T c = Cv[k], bk = Bv[k];
+              const T a0 = g0[k] + y0 * c, a1 = g1[k] + y1 * c, a2 = g2[k] + y2 * c, a3 = g3[k] + y3 * c;
+              dCa[k] += (s0[k] * y0 + s0[n + k] * y1) + (s0[2 * n + k] * y2 + s0[3 * n + k] * y3);
+              dBa[k] += (a0 * x0 + a1 * x1) + (a2 * x2 + a3 * x3);
+              d0 += a0 * bk;
+              d1 += a1 * bk;
+              d2 += a2 * bk;
+              d3 += a3 * bk;
+              de_i += (a0 * p0[k] + a1 * p0[n + k]) + (a2 * p0[2 * n + k] + a3 * p0[3 * n + k]);
+              g0[k] = a0 * e;
+              g1[k] = a1 * e;
+              g2[k] = a2 * e;
+              g3[k] = a3 * e;
+            }
+            dxd[i] = d0;
+            dxd[i + 1] = d1;
+            dxd[i + 2] = d2;
+            dxd[i + 3] = d3;
+            de += de_i;
+          }
+          for (; i < d.p; ++i) {
+            T* __restrict__ gr = g.data() + i * n;
+            const T* __restrict__ sr = s_t + i * n;
+            const T* __restrict__ pr = s_prev + i * n;
+            const T dyi = dyv[i], xd = xv[i] * dtv;
+            T dxd_i = 0, de_i = 0;
+#pragma omp simd reduction(+ : dxd_i, de_i)
+            for (int64_t k = 0; k < n; ++k) {
+              const T gk = gr[k] + dyi * Cv[k];  // y_t = s_t C_t adds dy_t C_t^T to dL/ds_t
+              dCa[k] += sr[k] * dyi;
+              dxd_i += gk * Bv[k];
+              dBa[k] += gk * xd;
+              de_i += gk * pr[k];
+              gr[k] = gk * e;  // dL/ds_{t-1}
+            }
+            dxd[i] = dxd_i;
+            de += de_i;
+          }
+          for (int64_t k = 0; k < n; ++k) {
+            dBv[k] = dBa[k];
+            dCv[k] = dCa[k];
+          }
+          const T da = de * e;  // e = exp(dt a): d/d(dt a)
+          T dxdt_x = 0;
+          T* dxv = DX + (tok * d.h + hi) * d.p;
+          for (int64_t i = 0; i < d.p; ++i) {
+            dxv[i] = dxd[i] * dtv;
+            dxdt_x += dxd[i] * xv[i];
+          }
+          DDT[tok * d.h + hi] = da * a + dxdt_x;
+          dA_acc += da * dtv;
+        }
+      }
+      DA[bh] = dA_acc;
+      std::copy(g.begin(), g.end(), DS0 + bh * pn);
+    }
+  });
+}
+
+// Returns (y, final state); `state` is not modified (a copy is advanced).
+std::vector<at::Tensor> ssd_forward(at::Tensor x, at::Tensor dt, at::Tensor A, at::Tensor B, at::Tensor C,
+                                    at::Tensor state) {
+  check(x, dt, A, B, C, state);
+  at::Tensor s = state.clone();
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_forward", [&] {
+    with_state_size(B.size(3), [&](auto n) { forward_impl<scalar_t, decltype(n)::value>(x, dt, A, B, C, s, y); });
+  });
+  return {y, s};
+}
+
+// One decoding step for a batch, in place: x (b, h, p), dt (b, h), B/C (b, g, n), state (b, h, p, n).
+at::Tensor ssd_step_(at::Tensor x, at::Tensor dt, at::Tensor A, at::Tensor B, at::Tensor C, at::Tensor state) {
+  at::Tensor x4 = x.unsqueeze(1), dt3 = dt.unsqueeze(1), B4 = B.unsqueeze(1), C4 = C.unsqueeze(1);
+  check(x4, dt3, A, B4, C4, state);
+  at::Tensor y = at::empty_like(x4);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_step", [&] {
+    with_state_size(B.size(2), [&](auto n) { forward_impl<scalar_t, decltype(n)::value>(x4, dt3, A, B4, C4, state, y); });
+  });
+  return y.squeeze(1);
+}
+
+// Gradients of ssd_forward: (dx, ddt, dA, dB, dC, dstate0) given dy and the final state's gradient.
+std::vector<at::Tensor> ssd_backward(at::Tensor x, at::Tensor dt, at::Tensor A, at::Tensor B, at::Tensor C,
+                                     at::Tensor state0, at::Tensor dy, at::Tensor dstate) {
+  check(x, dt, A, B, C, state0);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.is_contiguous() && dy.scalar_type() == x.scalar_type(), "ssd_cpu: dy");
+  TORCH_CHECK(dstate.sizes() == state0.sizes() && dstate.is_contiguous() && dstate.scalar_type() == x.scalar_type(),
+              "ssd_cpu: dstate");
+  const Dims d = dims_of(x, B);
+  at::Tensor dx = at::empty_like(x), ddt = at::empty_like(dt), dstate0 = at::empty_like(state0);
+  at::Tensor dA_bh = at::empty({d.b, d.h}, x.options());
+  at::Tensor dB_h = at::empty({d.b, d.l, d.h, d.n}, x.options()), dC_h = at::empty({d.b, d.l, d.h, d.n}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_backward", [&] {
+    with_state_size(d.n, [&](auto n) {
+      backward_impl<scalar_t, decltype(n)::value>(x, dt, A, B, C, state0, dy, dstate, dx, ddt, dA_bh, dB_h, dC_h, dstate0);
+    });
+  });
+  const int64_t r = d.h / d.g;
+  at::Tensor dB = dB_h.view({d.b, d.l, d.g, r, d.n}).sum(3), dC = dC_h.view({d.b, d.l, d.g, r, d.n}).sum(3);
+  return {dx, ddt, dA_bh.sum(0), dB, dC, dstate0};
+}
+
+// ---- the causal depthwise conv with SiLU, the op in front of the scan ----------------------------
+// x (b, l, d), weight (d, w): tap k multiplies the input w-1-k steps back; bias (d,). out = silu(pre).
+// Work is split over channel blocks (every task walks all rows), so the weight and bias gradients
+// need no reduction across threads.
+constexpr int64_t kChannels = 64;
+
+template <typename T>
+void conv_forward_impl(const T* X, const T* W, const T* Bias, T* Y, int64_t b, int64_t l, int64_t d, int64_t w) {
+  at::parallel_for(0, (d + kChannels - 1) / kChannels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t c0 = blk * kChannels, c1 = std::min(d, c0 + kChannels);
+      for (int64_t bi = 0; bi < b; ++bi) {
+        for (int64_t t = 0; t < l; ++t) {
+          T* yr = Y + (bi * l + t) * d;
+#pragma omp simd
+          for (int64_t c = c0; c < c1; ++c) yr[c] = Bias ? Bias[c] : T(0);
+          for (int64_t k = 0; k < w; ++k) {
+            const int64_t src = t - (w - 1) + k;
+            if (src < 0) continue;
+            const T* xr = X + (bi * l + src) * d;
+#pragma omp simd
+            for (int64_t c = c0; c < c1; ++c) yr[c] += W[c * w + k] * xr[c];
+          }
+#pragma omp simd
+          for (int64_t c = c0; c < c1; ++c) yr[c] = yr[c] / (T(1) + std::exp(-yr[c]));
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void conv_backward_impl(const T* X, const T* W, const T* Bias, const T* DY, T* DX, T* DW, T* DBias,
+                        int64_t b, int64_t l, int64_t d, int64_t w) {
+  at::parallel_for(0, (d + kChannels - 1) / kChannels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> dpre(kChannels * w);  // dL/dpre for the last w rows of this block, a ring
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t c0 = blk * kChannels, c1 = std::min(d, c0 + kChannels), nc = c1 - c0;
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t k = 0; k < w; ++k) DW[c * w + k] = 0;
+        if (DBias) DBias[c] = 0;
+      }
+      for (int64_t bi = 0; bi < b; ++bi) {
+        // dL/dpre_t, then scatter: x_{t-(w-1)+k} feeds pre_t through tap k.
+        // Walk t backwards so dx_s is complete once the rows s..s+w-1 are done.
+        for (int64_t t = l - 1; t >= 0; --t) {
+          T* dp = dpre.data() + (t % w) * kChannels;
+          {
+            const T* dyr = DY + (bi * l + t) * d;
+            T pre[kChannels];
+            for (int64_t c = 0; c < nc; ++c) pre[c] = Bias ? Bias[c0 + c] : T(0);
+            for (int64_t k = 0; k < w; ++k) {
+              const int64_t src = t - (w - 1) + k;
+              if (src < 0) continue;
+              const T* xr = X + (bi * l + src) * d + c0;
+#pragma omp simd
+              for (int64_t c = 0; c < nc; ++c) pre[c] += W[(c0 + c) * w + k] * xr[c];
+            }
+#pragma omp simd
+            for (int64_t c = 0; c < nc; ++c) {
+              const T sig = T(1) / (T(1) + std::exp(-pre[c]));
+              dp[c] = dyr[c0 + c] * sig * (T(1) + pre[c] * (T(1) - sig));
+            }
+            for (int64_t k = 0; k < w; ++k) {
+              const int64_t src = t - (w - 1) + k;
+              if (src < 0) continue;
+              const T* xr = X + (bi * l + src) * d + c0;
+              for (int64_t c = 0; c < nc; ++c) DW[(c0 + c) * w + k] += dp[c] * xr[c];
+            }
+            if (DBias)
+              for (int64_t c = 0; c < nc; ++c) DBias[c0 + c] += dp[c];
+          }
+          // row s = t: x_s fed pre_s, ..., pre_{s+w-1}, all computed by now (or past the end)
+          const int64_t s_row = t;
+          {
+            T* dxr = DX + (bi * l + s_row) * d + c0;
+            for (int64_t c = 0; c < nc; ++c) dxr[c] = 0;
+            for (int64_t k = 0; k < w; ++k) {
+              const int64_t tt = s_row + (w - 1) - k;  // pre_tt reads x_s through tap k
+              if (tt >= l) continue;
+              const T* dpt = dpre.data() + (tt % w) * kChannels;
+#pragma omp simd
+              for (int64_t c = 0; c < nc; ++c) dxr[c] += W[(c0 + c) * w + k] * dpt[c];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor conv_forward(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.is_contiguous(), "conv_cpu: x must be a contiguous (b, l, d) CPU tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == x.size(2) && weight.is_contiguous() &&
+              weight.scalar_type() == x.scalar_type(), "conv_cpu: weight must be (d, w), contiguous, x's dtype");
+  if (bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == x.size(2) && bias->is_contiguous() &&
+                        bias->scalar_type() == x.scalar_type(), "conv_cpu: bias must be (d,), x's dtype");
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward", [&] {
+    conv_forward_impl<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+                                x.size(0), x.size(1), x.size(2), weight.size(1));
+  });
+  return y;
+}
+
+// (dx, dweight, dbias) of conv_forward; dbias is undefined without a bias.
+std::vector<at::Tensor> conv_backward(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, at::Tensor dy) {
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.is_contiguous() && dy.scalar_type() == x.scalar_type(), "conv_cpu: dy");
+  at::Tensor dx = at::empty_like(x), dw = at::empty_like(weight);
+  at::Tensor db = bias ? at::empty_like(*bias) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_backward", [&] {
+    conv_backward_impl<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                 bias ? bias->data_ptr<scalar_t>() : nullptr, dy.data_ptr<scalar_t>(),
+                                 dx.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+                                 bias ? db.data_ptr<scalar_t>() : nullptr, x.size(0), x.size(1), x.size(2),
+                                 weight.size(1));
+  });
+  return {dx, dw, db};
+}
+
+// ---- the gated RMSNorm after the scan: out = rmsnorm(y * silu(z)) * weight, per group of channels --
+// y, z (rows, d), weight (d,); groups of `gs` channels are normalised separately. Float32/64 only
+// (callers convert); the weight's gradient is summed per thread, then over threads.
+template <typename T>
+inline T sigmoid(T v) { return T(1) / (T(1) + std::exp(-v)); }
+
+template <typename T>
+void norm_forward_impl(const T* Y, const T* Z, const T* W, T* O, int64_t rows, int64_t d, int64_t gs, T eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* y = Y + r * d;
+      const T* z = Z + r * d;
+      T* o = O + r * d;
+      for (int64_t g0 = 0; g0 < d; g0 += gs) {
+        T ss = 0;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t c = g0; c < g0 + gs; ++c) {
+          const T u = y[c] * z[c] * sigmoid(z[c]);
+          o[c] = u;
+          ss += u * u;
+        }
+        const T rs = T(1) / std::sqrt(ss / T(gs) + eps);
+#pragma omp simd
+        for (int64_t c = g0; c < g0 + gs; ++c) o[c] = o[c] * rs * W[c];
+      }
+    }
+  });
+}
+
+template <typename T>
+void norm_backward_impl(const T* Y, const T* Z, const T* W, const T* DO, T* DY, T* DZ, T* DWpart,
+                        int64_t rows, int64_t d, int64_t gs, T eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    T* dw = DWpart + at::get_thread_num() * d;
+    std::vector<T> u(gs);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* y = Y + r * d;
+      const T* z = Z + r * d;
+      const T* dout = DO + r * d;
+      for (int64_t g0 = 0; g0 < d; g0 += gs) {
+        T ss = 0, dot = 0;
+#pragma omp simd reduction(+ : ss, dot)
+        for (int64_t c = 0; c < gs; ++c) {
+          const T zc = z[g0 + c];
+          const T uc = y[g0 + c] * zc * sigmoid(zc);
+          u[c] = uc;
+          ss += uc * uc;
+          dot += uc * W[g0 + c] * dout[g0 + c];
+        }
+        const T rs = T(1) / std::sqrt(ss / T(gs) + eps);
+        const T k = rs * rs * rs * dot / T(gs);
+#pragma omp simd
+        for (int64_t c = 0; c < gs; ++c) {
+          const int64_t j = g0 + c;
+          const T du = rs * W[j] * dout[j] - k * u[c];
+          const T sg = sigmoid(z[j]);
+          DY[r * d + j] = du * z[j] * sg;
+          DZ[r * d + j] = du * y[j] * sg * (T(1) + z[j] * (T(1) - sg));
+          dw[j] += dout[j] * u[c] * rs;
+        }
+      }
+    }
+  });
+}
+
+at::Tensor norm_forward(at::Tensor y, at::Tensor z, at::Tensor weight, int64_t group_size, double eps) {
+  TORCH_CHECK(y.device().is_cpu() && y.is_contiguous() && z.is_contiguous() && weight.is_contiguous() &&
+              y.sizes() == z.sizes() && y.scalar_type() == z.scalar_type() && weight.scalar_type() == y.scalar_type(),
+              "norm_cpu: y, z (..., d) and weight (d,) must be contiguous CPU tensors of one dtype");
+  const int64_t d = y.size(-1);
+  TORCH_CHECK(weight.numel() == d && group_size > 0 && d % group_size == 0, "norm_cpu: weight / group size");
+  at::Tensor out = at::empty_like(y);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "norm_forward", [&] {
+    norm_forward_impl<scalar_t>(y.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                out.data_ptr<scalar_t>(), y.numel() / d, d, group_size, static_cast<scalar_t>(eps));
+  });
+  return out;
+}
+
+// (dy, dz, dweight) of norm_forward.
+std::vector<at::Tensor> norm_backward(at::Tensor y, at::Tensor z, at::Tensor weight, int64_t group_size, double eps,
+                                      at::Tensor dout) {
+  TORCH_CHECK(dout.sizes() == y.sizes() && dout.is_contiguous() && dout.scalar_type() == y.scalar_type(), "norm_cpu: dout");
+  const int64_t d = y.size(-1);
+  at::Tensor dy = at::empty_like(y), dz = at::empty_like(z);
+  at::Tensor part = at::zeros({at::get_num_threads(), d}, y.options());
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "norm_backward", [&] {
+    norm_backward_impl<scalar_t>(y.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                 dout.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
+                                 part.data_ptr<scalar_t>(), y.numel() / d, d, group_size, static_cast<scalar_t>(eps));
+  });
+  return {dy, dz, part.sum(0)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &ssd_forward, "Mamba2 scan forward (recurrence): (y, final state)");
+  m.def("step_", &ssd_step_, "one decoding step, state updated in place");
+  m.def("backward", &ssd_backward, "Mamba2 scan backward: (dx, ddt, dA, dB, dC, dstate0)");
+  m.def("conv_forward", &conv_forward, "silu(causal depthwise conv + bias)");
+  m.def("norm_forward", &norm_forward, "rmsnorm(y * silu(z)) * weight per group of channels");
+  m.def("norm_backward", &norm_backward, "gradients of norm_forward: (dy, dz, dweight)");
+  m.def("conv_backward", &conv_backward, "gradients of conv_forward: (dx, dweight, dbias)");
+}

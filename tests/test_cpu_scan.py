@@ -1,0 +1,201 @@
+"""The C++ twin of the Mamba2 ops on a CPU (arc/cpu_scan.py, arc/csrc/ssd_cpu.cpp) against the
+pure-PyTorch reference twin (arc/kernels.py), in float64 so that any difference beyond rounding is a bug:
+
+- the scan: outputs, final state and the gradients of all six inputs (the initial state too), for
+  head dims that are and are not a multiple of the kernel's four-row blocks, state sizes that are and
+  are not specialised at compile time, grouped B/C, sequences shorter and longer than a backward block;
+- the decoding step against the scan, and against the reference step;
+- the causal conv (widths 2-4, with and without bias) and the gated RMSNorm (one and several groups);
+- a whole model, float32: forward, loss gradients and greedy decoding on the C++ path equal the
+  reference path's to float32 rounding;
+- what happens when the extension is skipped or fails to build: the reference path, with the reason said.
+
+If the extension cannot be built on the machine running the tests (no compiler), these tests fail:
+the project's CPU speed depends on it, and the reason is in the failure.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from arc import cpu_scan, kernels
+from arc.model import HybridLM, ModelConfig
+
+TOL64 = 1e-10
+
+
+def test_the_extension_builds_here():
+    assert cpu_scan.available(), cpu_scan.reason()
+    assert "C++" in kernels.describe()
+
+
+def scan_inputs(b, l, h, p, g, n, seed=0, initial=True):
+    gen = torch.Generator().manual_seed(seed)
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(b, l, h, p, generator=gen, **f64)
+    dt = torch.nn.functional.softplus(torch.randn(b, l, h, generator=gen, **f64))
+    A = -torch.empty(h, **f64).uniform_(0.5, 8.0, generator=gen)
+    B = torch.randn(b, l, g, n, generator=gen, **f64)
+    C = torch.randn(b, l, g, n, generator=gen, **f64)
+    s0 = torch.randn(b, h, p, n, generator=gen, **f64) if initial else None
+    return [t.requires_grad_() if t is not None else None for t in (x, dt, A, B, C, s0)]
+
+
+# (b, l, h, p, g, n): p % 4 != 0 takes the row-by-row tail; n 16/64 are specialised, 5/24 are not;
+# l 1 (a decoding step), 15/16/17 around the backward's block of 16, 130 many blocks
+SCAN_CASES = [(2, 37, 4, 8, 2, 5), (1, 130, 8, 16, 1, 16), (2, 17, 2, 6, 1, 64), (1, 16, 4, 5, 4, 24),
+              (3, 15, 2, 4, 2, 16), (2, 1, 2, 8, 1, 16)]
+
+
+@pytest.mark.parametrize("case", SCAN_CASES)
+def test_scan_matches_the_reference_outputs_state_and_gradients(case):
+    x, dt, A, B, C, s0 = scan_inputs(*case)
+    y1, st1 = cpu_scan.scan(x, dt, A, B, C, s0)
+    y2, st2 = kernels.ssd_chunked_ref(x, dt, A, B, C, 8, initial_state=s0)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=TOL64)
+    torch.testing.assert_close(st1, st2, rtol=0, atol=TOL64)
+    gen = torch.Generator().manual_seed(1)
+    wy = torch.randn(y1.shape, generator=gen, dtype=torch.float64)
+    ws = torch.randn(st1.shape, generator=gen, dtype=torch.float64)
+    inputs = [x, dt, A, B, C, s0]
+    g1 = torch.autograd.grad((y1 * wy).sum() + (st1 * ws).sum(), inputs)
+    g2 = torch.autograd.grad((y2 * wy).sum() + (st2 * ws).sum(), inputs)
+    for name, a, b in zip(("x", "dt", "A", "B", "C", "state0"), g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=TOL64, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_scan_gradients_without_the_final_state_in_the_loss():
+    x, dt, A, B, C, _ = scan_inputs(2, 20, 2, 8, 1, 16, initial=False)
+    y1, _ = cpu_scan.scan(x, dt, A, B, C)
+    y2, _ = kernels.ssd_chunked_ref(x, dt, A, B, C, 8)
+    g1 = torch.autograd.grad(y1.square().sum(), [x, dt, A, B, C])
+    g2 = torch.autograd.grad(y2.square().sum(), [x, dt, A, B, C])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=TOL64)
+
+
+def test_scan_passes_gradcheck():
+    x, dt, A, B, C, s0 = scan_inputs(1, 19, 2, 5, 1, 3)
+    assert torch.autograd.gradcheck(lambda *t: cpu_scan.scan(*t), (x, dt, A, B, C, s0))
+
+
+def test_steps_continue_the_scan_and_match_the_reference_step():
+    with torch.no_grad():
+        x, dt, A, B, C, s0 = scan_inputs(2, 9, 4, 8, 2, 16)
+        y, s_final = cpu_scan.scan(x, dt, A, B, C, s0)
+        state, ref_state = s0.clone(), s0.clone()
+        for t in range(9):
+            out = cpu_scan.step_(state, x[:, t], dt[:, t], A, B[:, t], C[:, t])
+            ref = kernels.ssd_step_ref(ref_state, x[:, t], dt[:, t], A, B[:, t], C[:, t])
+            torch.testing.assert_close(out, y[:, t], rtol=0, atol=TOL64)
+            torch.testing.assert_close(out, ref, rtol=0, atol=TOL64)
+        torch.testing.assert_close(state, s_final, rtol=0, atol=TOL64)
+
+
+@pytest.mark.parametrize("w,bias,shape", [(4, True, (2, 9, 70)), (4, True, (1, 3, 5)), (3, False, (3, 20, 130)),
+                                          (2, True, (1, 1, 8))])
+def test_conv_matches_the_reference_with_gradients(w, bias, shape):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(shape[-1], 1, w, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(shape[-1], generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
+    y1, y2 = cpu_scan.conv(x, weight, b), kernels.causal_conv1d_ref(x, weight, b)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=TOL64)
+    inputs = [x, weight] + ([b] if bias else [])
+    wy = torch.randn(y1.shape, generator=gen, dtype=torch.float64)
+    for a, c in zip(torch.autograd.grad((y1 * wy).sum(), inputs), torch.autograd.grad((y2 * wy).sum(), inputs)):
+        torch.testing.assert_close(a, c, rtol=0, atol=TOL64)
+
+
+@pytest.mark.parametrize("shape,group", [((2, 7, 48), 16), ((1, 5, 24), 24), ((40, 64), 64)])
+def test_gated_norm_matches_the_reference_with_gradients(shape, group):
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(shape[-1], generator=gen, dtype=torch.float64, requires_grad=True)
+    o1, o2 = cpu_scan.gated_rmsnorm(y, z, w, 1e-5, group), kernels.gated_rmsnorm_ref(y, z, w, 1e-5, group)
+    torch.testing.assert_close(o1, o2, rtol=0, atol=TOL64)
+    wo = torch.randn(o1.shape, generator=gen, dtype=torch.float64)
+    for a, c in zip(torch.autograd.grad((o1 * wo).sum(), [y, z, w]), torch.autograd.grad((o2 * wo).sum(), [y, z, w])):
+        torch.testing.assert_close(a, c, rtol=0, atol=TOL64)
+
+
+def tiny_model() -> HybridLM:
+    torch.manual_seed(0)
+    return HybridLM(ModelConfig(vocab_size=16, d_model=64, n_layer=3, layer_pattern="MAM", n_head=2, d_state=16,
+                                headdim=16, chunk_size=8, max_seq_len=128))
+
+
+def test_model_on_the_cpp_path_equals_the_reference_path_in_float32():
+    model = tiny_model()
+    ids = torch.randint(0, 16, (2, 50), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        model.zero_grad()
+        logits, _ = model(ids)
+        logits.float().logsumexp(-1).mean().backward()
+        return logits.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    fast_logits, fast_grads = run()
+    with kernels.reference_path():
+        ref_logits, ref_grads = run()
+    torch.testing.assert_close(fast_logits, ref_logits, rtol=1e-4, atol=1e-5)
+    for k in ref_grads:
+        torch.testing.assert_close(fast_grads[k], ref_grads[k], rtol=1e-3, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_decoding_on_the_cpp_path_gives_the_reference_tokens():
+    model = tiny_model().eval()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 16, (n,), generator=gen) for n in (20, 7, 20)]
+
+    def greedy():
+        with torch.no_grad():
+            cache, last = model.prefill(prompts, 12)
+            tokens = []
+            for _ in range(12):
+                nxt = last.argmax(-1)
+                tokens.append(nxt)
+                last = model.step(nxt, cache)
+        return torch.stack(tokens, 1), last
+
+    fast_tokens, fast_last = greedy()
+    with kernels.reference_path():
+        ref_tokens, ref_last = greedy()
+    assert torch.equal(fast_tokens, ref_tokens)
+    torch.testing.assert_close(fast_last, ref_last, rtol=1e-4, atol=1e-5)
+
+
+def _in_subprocess(code: str, **env: str) -> str:
+    import os
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_skipping_the_extension_falls_back_to_the_reference_and_says_so():
+    out = _in_subprocess("from arc import kernels, cpu_scan; import torch; "
+                         "print(cpu_scan.available(), kernels.use_cpu_scan(torch.zeros(1))); print(kernels.describe())",
+                         ARC_NO_CPU_EXTENSION="1")
+    first, line = out.splitlines()[:2]
+    assert first == "False False" and "reference" in line and "ARC_NO_CPU_EXTENSION" in line
+
+
+def test_a_failed_build_falls_back_to_the_reference_and_says_why():
+    code = ("import logging, torch; logging.basicConfig(level=logging.WARNING); from arc import cpu_scan, kernels\n"
+            "def broken(): raise RuntimeError('no compiler here')\n"
+            "cpu_scan._build = broken\n"
+            "m = __import__('arc.mamba2', fromlist=['Mamba2']).Mamba2(32, d_state=8, headdim=16)\n"
+            "y, _ = m(torch.randn(1, 5, 32)); print(tuple(y.shape), kernels.use_cpu_scan(y)); print(kernels.describe())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, line = proc.stdout.splitlines()[:2]
+    assert first == "(1, 5, 32) False" and "no compiler here" in line
+    assert "no compiler here" in proc.stderr  # logged once as a warning
+
+
+def test_force_reference_bypasses_the_extension():
+    with kernels.reference_path():
+        assert not kernels.use_cpu_scan(torch.zeros(1))
+    assert kernels.use_cpu_scan(torch.zeros(1))
