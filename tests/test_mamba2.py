@@ -245,7 +245,7 @@ def test_cpu_tensors_never_take_kernels_and_the_switch_forces_reference():
         assert kernels._forced  # the context manager restores what was there
     finally:
         kernels.force_reference(before)
-    assert kernels.describe().startswith("Mamba2 path:")
+    assert kernels.describe().startswith("Mamba2 path")
 
 
 def test_force_reference_environment_variable_is_read_at_import(tmp_path):
