@@ -81,6 +81,7 @@ def tried() -> bool:
     return _tried
 
 
+@torch._dynamo.assume_constant_result  # torch.compile: call it once while tracing, a constant after
 def available() -> bool:
     """True when the C++ scan is built and loaded (builds it if not tried yet)."""
     return module() is not None
@@ -93,23 +94,52 @@ def reason() -> str:
     return _reason or "not built yet"
 
 
-class ScanFn(torch.autograd.Function):
-    """``(y, final_state) = scan(x, dt, A, B, C, state0)``: the recurrence, with its exact gradients
-    (the backward recomputes the states; nothing but the inputs is kept between the passes)."""
+def _direct(*tensors: torch.Tensor | None) -> bool:
+    """True when the extension can be called without the custom-op wrapper (~10 us a call): no
+    gradient wanted and not inside torch.compile's tracing (decoding steps, mostly)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, state0):  # type: ignore[override]
-        y, state = module().forward(x, dt, A, B, C, state0)
-        ctx.save_for_backward(x, dt, A, B, C, state0)
-        return y, state
 
-    @staticmethod
-    def backward(ctx, dy, dstate):  # type: ignore[override]
-        x, dt, A, B, C, state0 = ctx.saved_tensors
-        dy = torch.zeros_like(x) if dy is None else dy.contiguous()
-        dstate = torch.zeros_like(state0) if dstate is None else dstate.contiguous()
-        dx, ddt, dA, dB, dC, dstate0 = module().backward(x, dt, A, B, C, state0, dy, dstate)
-        return dx, ddt, dA, dB, dC, dstate0
+# The ops are torch.library custom ops (forward and backward alike) with shape-only "fake" twins, so
+# that torch.compile traces through them (one opaque node each) instead of breaking the graph.
+@torch.library.custom_op("arc::ssd_scan", mutates_args=())
+def _scan_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             state0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    y, state = module().forward(x, dt, A, B, C, state0)
+    return y, state
+
+
+@_scan_op.register_fake
+def _(x, dt, A, B, C, state0):
+    return torch.empty_like(x), torch.empty_like(state0)
+
+
+@torch.library.custom_op("arc::ssd_scan_backward", mutates_args=())
+def _scan_backward_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      state0: torch.Tensor, dy: torch.Tensor, dstate: torch.Tensor) -> list[torch.Tensor]:
+    return list(module().backward(x, dt, A, B, C, state0, dy, dstate))
+
+
+@_scan_backward_op.register_fake
+def _(x, dt, A, B, C, state0, dy, dstate):
+    return [torch.empty_like(t) for t in (x, dt, A, B, C, state0)]
+
+
+def _scan_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _scan_backward(ctx, dy, dstate):
+    """Exact gradients; the backward recomputes the states, nothing but the inputs is kept."""
+    x, dt, A, B, C, state0 = ctx.saved_tensors
+    dy = torch.zeros_like(x) if dy is None else dy.contiguous()
+    dstate = torch.zeros_like(state0) if dstate is None else dstate.contiguous()
+    return tuple(_scan_backward_op(x, dt, A, B, C, state0, dy, dstate))
+
+
+_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup)
 
 
 def scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -120,8 +150,27 @@ def scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C:
     b, _, h, p = x.shape
     if initial_state is None:
         initial_state = torch.zeros(b, h, p, B.shape[-1], dtype=x.dtype, device=x.device)
-    return ScanFn.apply(x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
-                        initial_state.to(x.dtype).contiguous())
+    args = (x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
+            initial_state.to(x.dtype).contiguous())
+    if _direct(*args):
+        y, state = module().forward(*args)
+        return y, state
+    return _scan_op(*args)
+
+
+def mixer_step_(zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, conv_weight: torch.Tensor,
+                conv_bias: torch.Tensor | None, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
+                norm_weight: torch.Tensor, ngroups: int, eps: float) -> torch.Tensor:
+    """One decoding step of a Mamba2 mixer after its in_proj, in one call: the conv step, softplus,
+    the scan step with the D skip and the gated RMSNorm. zxbcdt (b, d_in_proj) in any dtype;
+    conv_state (b, conv_dim, w-1) and ssm_state (b, h, p, n), both float32 (or float64) and
+    contiguous, are updated in place; weights as in :class:`arc.mamba2.Mamba2` (conv_weight
+    (conv_dim, 1, w)). Returns (b, d_inner) in the states' dtype."""
+    dtype = ssm_state.dtype
+    return module().mixer_step_(
+        zxbcdt.to(dtype).contiguous(), conv_state, conv_weight.squeeze(1).to(dtype).contiguous(),
+        None if conv_bias is None else conv_bias.to(dtype).contiguous(), ssm_state, A.to(dtype).contiguous(),
+        D.to(dtype).contiguous(), dt_bias.to(dtype).contiguous(), norm_weight.to(dtype).contiguous(), ngroups, eps)
 
 
 def step_(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -133,47 +182,92 @@ def step_(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tenso
                           B.to(dtype).contiguous(), C.to(dtype).contiguous(), state)
 
 
-class ConvFn(torch.autograd.Function):
-    """``silu(causal depthwise conv(x) + bias)`` with its gradients: x (b, l, d), weight (d, w), bias (d,) or None."""
+@torch.library.custom_op("arc::causal_conv", mutates_args=())
+def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """silu(causal depthwise conv + bias): x (b, l, d), weight (w, d) taps-major, bias (d,) or None."""
+    return module().conv_forward(x, weight, bias)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias):  # type: ignore[override]
-        ctx.save_for_backward(x, weight, bias)
-        return module().conv_forward(x, weight, bias)
 
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        x, weight, bias = ctx.saved_tensors
-        dx, dw, db = module().conv_backward(x, weight, bias, dy.contiguous())
-        return dx, dw, (db if bias is not None else None)
+@_conv_op.register_fake
+def _(x, weight, bias):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("arc::causal_conv_backward", mutates_args=())
+def _conv_backward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      dy: torch.Tensor) -> list[torch.Tensor]:
+    dx, dw, db = module().conv_backward(x, weight, bias, dy)
+    return [dx, dw] + ([db] if bias is not None else [])
+
+
+@_conv_backward_op.register_fake
+def _(x, weight, bias, dy):
+    return [torch.empty_like(x), torch.empty_like(weight)] + ([torch.empty_like(bias)] if bias is not None else [])
+
+
+def _conv_setup(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, *([bias] if bias is not None else []))
+
+
+def _conv_backward(ctx, dy):
+    x, weight, *bias = ctx.saved_tensors
+    grads = _conv_backward_op(x, weight, bias[0] if bias else None, dy.contiguous())
+    return grads[0], grads[1], (grads[2] if ctx.has_bias else None)
+
+
+_conv_op.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
 def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """As :func:`arc.kernels.causal_conv1d_ref`, in float32 (float64 if x is): x (b, l, d),
     weight (d, 1, w), bias (d,) or None -> (b, l, d)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    return ConvFn.apply(x.to(dtype).contiguous(), weight.squeeze(1).to(dtype).contiguous(),
-                        None if bias is None else bias.to(dtype).contiguous())
+    args = (x.to(dtype).contiguous(), weight.squeeze(1).t().to(dtype).contiguous(),  # (w, d): taps-major
+            None if bias is None else bias.to(dtype).contiguous())
+    return module().conv_forward(*args) if _direct(*args) else _conv_op(*args)
 
 
-class NormFn(torch.autograd.Function):
-    """The gated RMSNorm ``rmsnorm(y * silu(z)) * weight`` per group, with its gradients."""
+@torch.library.custom_op("arc::gated_norm", mutates_args=())
+def _norm_op(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    return module().norm_forward(y, z, weight, group_size, eps)
 
-    @staticmethod
-    def forward(ctx, y, z, weight, group_size, eps):  # type: ignore[override]
-        ctx.save_for_backward(y, z, weight)
-        ctx.group_size, ctx.eps = group_size, eps
-        return module().norm_forward(y, z, weight, group_size, eps)
 
-    @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
-        y, z, weight = ctx.saved_tensors
-        dy, dz, dw = module().norm_backward(y, z, weight, ctx.group_size, ctx.eps, dout.contiguous())
-        return dy, dz, dw, None, None
+@_norm_op.register_fake
+def _(y, z, weight, group_size, eps):
+    return torch.empty_like(y)
+
+
+@torch.library.custom_op("arc::gated_norm_backward", mutates_args=())
+def _norm_backward_op(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float,
+                      dout: torch.Tensor) -> list[torch.Tensor]:
+    return list(module().norm_backward(y, z, weight, group_size, eps, dout))
+
+
+@_norm_backward_op.register_fake
+def _(y, z, weight, group_size, eps, dout):
+    return [torch.empty_like(y), torch.empty_like(z), torch.empty_like(weight)]
+
+
+def _norm_setup(ctx, inputs, output) -> None:
+    y, z, weight, group_size, eps = inputs
+    ctx.save_for_backward(y, z, weight)
+    ctx.group_size, ctx.eps = group_size, eps
+
+
+def _norm_backward(ctx, dout):
+    y, z, weight = ctx.saved_tensors
+    dy, dz, dw = _norm_backward_op(y, z, weight, ctx.group_size, ctx.eps, dout.contiguous())
+    return dy, dz, dw, None, None
+
+
+_norm_op.register_autograd(_norm_backward, setup_context=_norm_setup)
 
 
 def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int) -> torch.Tensor:
     """As :func:`arc.kernels.gated_rmsnorm`: computed in float32 (float64 if y is), returned in y's dtype."""
     wide = torch.promote_types(y.dtype, torch.float32)
-    out = NormFn.apply(y.to(wide).contiguous(), z.to(wide).contiguous(), weight.to(wide).contiguous(), group_size, eps)
+    args = (y.to(wide).contiguous(), z.to(wide).contiguous(), weight.to(wide).contiguous())
+    out = module().norm_forward(*args, group_size, eps) if _direct(*args) else _norm_op(*args, group_size, eps)
     return out.to(y.dtype)

@@ -330,6 +330,13 @@ def conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, b
     return conv_step_ref(x, conv_state, weight, bias)
 
 
+def fused_step_ok(zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> bool:
+    """True when a Mamba2 decoding step can run as one C++ call (:func:`arc.cpu_scan.mixer_step_`):
+    CPU tensors, the C++ twin in use, states contiguous and of one floating dtype."""
+    return (not use_kernels(zxbcdt) and use_cpu_scan(zxbcdt) and conv_state.is_contiguous() and ssm_state.is_contiguous()
+            and conv_state.dtype == ssm_state.dtype and ssm_state.dtype in (torch.float32, torch.float64))
+
+
 def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
              C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
     """One decoding step of :func:`ssd`: state (b, h, p, n) float32 updated in place, x (b, h, p),

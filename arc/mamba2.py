@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arc import kernels
+from arc import cpu_scan, kernels
 
 
 @dataclass
@@ -143,7 +143,13 @@ class Mamba2(nn.Module):
         Costs the same whatever the number of tokens already seen."""
         b = u.shape[0]
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
-        z, xBC, dt = self._split(self.in_proj(u))  # (B, d_inner), (B, conv_dim), (B, nheads)
+        zxbcdt = self.in_proj(u)  # (B, d_in_proj)
+        if kernels.fused_step_ok(zxbcdt, state.conv, state.ssm):  # CPU: everything up to out_proj in one call
+            A = -torch.exp(self.A_log.float())  # (h,)
+            y = cpu_scan.mixer_step_(zxbcdt, state.conv, state.ssm, self.conv1d.weight, self.conv1d.bias, A, self.D,
+                                     self.dt_bias, self.norm.weight, g, self.norm.eps)  # (B, d_inner) float32
+            return self.out_proj(y.to(zxbcdt.dtype))  # (B, d_model)
+        z, xBC, dt = self._split(zxbcdt)  # (B, d_inner), (B, conv_dim), (B, nheads)
         xBC = kernels.conv_step(xBC, state.conv, self.conv1d.weight, self.conv1d.bias)  # (B, conv_dim)
         x, B, C = torch.split(xBC, [self.d_inner, g * n, g * n], dim=-1)
         A = -torch.exp(self.A_log.float())  # (h,)

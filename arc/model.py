@@ -263,9 +263,12 @@ class CausalSelfAttention(nn.Module):
         rows = torch.arange(b, device=x.device)
         cache.k[rows, :, lengths] = k[:, :, 0].to(cache.k.dtype)  # (B, H, hd) into slot lengths[i]
         cache.v[rows, :, lengths] = v[:, :, 0].to(cache.v.dtype)
-        slots = torch.arange(cache.k.shape[2], device=x.device)
-        visible = (slots[None, :] <= lengths[:, None])[:, None, None, :]  # (B, 1, 1, T_max)
-        y = F.scaled_dot_product_attention(q.to(cache.k.dtype), cache.k, cache.v, attn_mask=visible)  # (B, H, 1, hd)
+        # attend over the slots written so far, not the whole capacity (prompt + every token allowed)
+        used = int(lengths.max()) + 1
+        slots = torch.arange(used, device=x.device)
+        visible = (slots[None, :] <= lengths[:, None])[:, None, None, :]  # (B, 1, 1, used)
+        y = F.scaled_dot_product_attention(q.to(cache.k.dtype), cache.k[:, :, :used], cache.v[:, :, :used],
+                                           attn_mask=visible)  # (B, H, 1, hd)
         return self.out_proj(y.reshape(b, c).to(x.dtype))  # (B, C)
 
 

@@ -1,7 +1,7 @@
 """Training benchmarks on CPU (or GPU): throughput against the seed, memory against batch size,
 and step time against sequence length.
 
-    python bench/bench_train.py throughput [--steps 6] [--dtypes float32,bfloat16] [--md docs/BENCHMARKS.md]
+    python bench/bench_train.py throughput [--steps 6] [--dtypes float32,bfloat16] [--compile --warmup 4] [--md docs/BENCHMARKS.md]
     python bench/bench_train.py memory     [--batches 1,2,4,8] [--md ...]
     python bench/bench_train.py length     [--lengths 512,1024,2048,4096] [--dtype auto] [--md ...]
     python bench/bench_train.py mfu        [--preset gpu] [--length 4096] [--batch 8] [--peak-tflops X] [--md ...]
@@ -51,6 +51,7 @@ from arc.data import load_tasks
 from arc.loader import ArcDataLoader
 from arc.model import HybridLM, ModelConfig, preset
 from arc.tokens import PAD
+from arc.trainer import compile_seconds
 from arc.loss import autocast_for, loss_sum, resolve_dtype
 
 
@@ -79,15 +80,19 @@ class Arm:
     seconds: float = 0.0
     steps: int = 0
 
+    compiled: bool = False  # run the forward through torch.compile(model)
+    run: torch.nn.Module = field(init=False)
+
     def __post_init__(self) -> None:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.run = torch.compile(self.model) if self.compiled else self.model
 
     def step(self, device: torch.device, timed: bool = True) -> None:
         """One optimizer step, end to end: the batch is built inside the timed region."""
         t0 = time.perf_counter()
         x, y, pos = self.loader.next_batch().to(device)
         with autocast_for(self.dtype, device):
-            logits, _ = self.model(x, pos=pos)
+            logits, _ = self.run(x, pos=pos)
         (loss_sum(logits, y) / (y != -100).sum().clamp(min=1)).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -116,9 +121,11 @@ def cmd_throughput(args) -> str:
             torch.manual_seed(0)  # each arm: the same weights and batches as its twin in the other dtype
             loader = (ArcDataLoader(tasks, batch_size=16, max_tokens=args.max_tokens, seed=0) if name.startswith("ours")
                       else ArcDataLoader(tasks, batch_size=args.max_tokens // 4096, seed=0, bucket=False, pad_to_block=True))
-            arms[(name, dtype)] = Arm(HybridLM(cfg).to(device), loader, dtype)
-    for arm in arms.values():
-        arm.step(device, timed=False)  # warm-up
+            arms[(name, dtype)] = Arm(HybridLM(cfg).to(device), loader, dtype, compiled=args.compile)
+    for _ in range(args.warmup):
+        for arm in arms.values():
+            arm.step(device, timed=False)  # warm-up (with --compile: the compiles, until the shapes are dynamic)
+    compile_s = compile_seconds() if args.compile else 0.0
     order = list(arms.values())
     for r in range(args.steps):  # interleaved: every arm's r-th step before any arm's (r+1)-th
         for arm in order[r % len(order):] + order[:r % len(order)]:
@@ -130,11 +137,14 @@ def cmd_throughput(args) -> str:
     base = best_of("seed: pad to 4096 + attention GPT")
     base_rate = base.real / base.seconds
     ours = HybridLM(ours_cfg)
-    lines = [header(f"python bench/bench_train.py throughput --steps {args.steps} --max-tokens {args.max_tokens} --dtypes {args.dtypes}"),
+    flags = f" --warmup {args.warmup}" + (" --compile" if args.compile else "")
+    lines = [header(f"python bench/bench_train.py throughput --steps {args.steps} --max-tokens {args.max_tokens} --dtypes {args.dtypes}{flags}"),
              f"{kernels.describe()}. {peak.describe()}.", "",
+             *([f"torch.compile on every arm: {compile_s:.0f} s of compiling in the {args.warmup} untimed warm-up rounds, "
+                f"{compile_seconds() - compile_s:.0f} s more in the timed steps.", ""] if args.compile else []),
              f"Both take {args.max_tokens} padded tokens per step. Ours: {ours.num_params() / 1e6:.2f}M parameters "
              f"(layout {ours_cfg.layer_kinds}); seed GPT: {HybridLM(gpt_cfg).num_params() / 1e6:.2f}M ({gpt_cfg.n_layer} attention "
-             f"layers, gated MLP {gpt_cfg.mlp_hidden}). {args.steps} timed steps per arm after one warm-up step, the arms "
+             f"layers, gated MLP {gpt_cfg.mlp_hidden}). {args.steps} timed steps per arm after {args.warmup} warm-up step(s), the arms "
              "interleaved. MFU: model FLOPs of the real tokens against the best peak (and the run dtype's peak).", "",
              "| setup | dtype | real tokens/s | padded tokens/s | real share | s/step | MFU | vs the seed's best |",
              "|---|---|---|---|---|---|---|---|"]
@@ -293,6 +303,8 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=6, help="timed steps per setup")
     t.add_argument("--max-tokens", type=int, default=16384, help="padded tokens per step for both setups")
     t.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes each setup runs in (bfloat16 = autocast)")
+    t.add_argument("--compile", action="store_true", help="torch.compile every arm's model (compile time reported)")
+    t.add_argument("--warmup", type=int, default=1, help="untimed steps per arm first (with --compile: 4 lets the shapes go dynamic)")
     m = sub.add_parser("memory", help="peak memory vs batch size at 4096")
     m.add_argument("--batches", default="1,2,4,8", help="batch sizes")
     ln = sub.add_parser("length", help="step time vs sequence length")

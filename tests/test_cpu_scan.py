@@ -199,3 +199,48 @@ def test_force_reference_bypasses_the_extension():
     with kernels.reference_path():
         assert not kernels.use_cpu_scan(torch.zeros(1))
     assert kernels.use_cpu_scan(torch.zeros(1))
+
+
+@pytest.mark.parametrize("ngroups,d_state,d_conv", [(1, 16, 4), (2, 8, 3), (1, 24, 2)])
+def test_fused_mixer_step_equals_the_unfused_step(ngroups, d_state, d_conv):
+    """Mamba2.step on a CPU runs conv, softplus, scan, D skip and gated norm as one C++ call; in
+    float64 it equals the unfused reference step, output and both states, step after step."""
+    from arc.mamba2 import Mamba2
+    torch.manual_seed(0)
+    m = Mamba2(32, d_state=d_state, d_conv=d_conv, headdim=8, ngroups=ngroups, chunk_size=8).double().eval()
+    with torch.no_grad():
+        m.conv1d.bias.normal_()
+        u = torch.randn(3, 9, 32, dtype=torch.float64)
+        _, fused = m(u[:, :4], return_state=True)
+        fused.conv, fused.ssm = fused.conv.double(), fused.ssm.double()
+        ref = type(fused)(fused.conv.clone(), fused.ssm.clone())
+        assert kernels.fused_step_ok(u[:, 0], fused.conv, fused.ssm)
+        for t in range(4, 9):
+            out = m.step(u[:, t], fused)
+            with kernels.reference_path():
+                expected = m.step(u[:, t], ref)
+            torch.testing.assert_close(out, expected, rtol=0, atol=TOL64)
+            torch.testing.assert_close(fused.conv, ref.conv, rtol=0, atol=0)
+            torch.testing.assert_close(fused.ssm, ref.ssm, rtol=0, atol=TOL64)
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_the_cpp_ops_without_a_graph_break():
+    """The C++ ops are torch.library custom ops with shape-only fakes, so torch.compile takes the whole
+    model as one graph (fullgraph=True fails on any break) and computes what eager computes; the
+    trainer's compile_s reads the time it took."""
+    from arc.trainer import compile_seconds
+    model = tiny_model()
+    ids = torch.randint(0, 16, (2, 24), generator=torch.Generator().manual_seed(0))
+    before = compile_seconds()
+    compiled = torch.compile(model, fullgraph=True)
+    grads = []
+    for m in (compiled, model):
+        model.zero_grad()
+        logits, loss = m(ids, ids)
+        loss.backward()
+        grads.append((logits.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-5)
+    for k, g in grads[1][1].items():
+        torch.testing.assert_close(grads[0][1][k], g, rtol=1e-3, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert compile_seconds() > before

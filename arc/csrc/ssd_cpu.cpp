@@ -318,7 +318,8 @@ std::vector<at::Tensor> ssd_backward(at::Tensor x, at::Tensor dt, at::Tensor A, 
 }
 
 // ---- the causal depthwise conv with SiLU, the op in front of the scan ----------------------------
-// x (b, l, d), weight (d, w): tap k multiplies the input w-1-k steps back; bias (d,). out = silu(pre).
+// x (b, l, d), weight (w, d) taps-major: tap k of channel c, W[k * d + c], multiplies the input w-1-k
+// steps back; bias (d,). out = silu(pre).
 // Work is split over channel blocks (every task walks all rows), so the weight and bias gradients
 // need no reduction across threads.
 constexpr int64_t kChannels = 64;
@@ -338,7 +339,7 @@ void conv_forward_impl(const T* X, const T* W, const T* Bias, T* Y, int64_t b, i
             if (src < 0) continue;
             const T* xr = X + (bi * l + src) * d;
 #pragma omp simd
-            for (int64_t c = c0; c < c1; ++c) yr[c] += W[c * w + k] * xr[c];
+            for (int64_t c = c0; c < c1; ++c) yr[c] += W[k * d + c] * xr[c];
           }
 #pragma omp simd
           for (int64_t c = c0; c < c1; ++c) yr[c] = yr[c] / (T(1) + std::exp(-yr[c]));
@@ -356,7 +357,7 @@ void conv_backward_impl(const T* X, const T* W, const T* Bias, const T* DY, T* D
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kChannels, c1 = std::min(d, c0 + kChannels), nc = c1 - c0;
       for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t k = 0; k < w; ++k) DW[c * w + k] = 0;
+        for (int64_t k = 0; k < w; ++k) DW[k * d + c] = 0;
         if (DBias) DBias[c] = 0;
       }
       for (int64_t bi = 0; bi < b; ++bi) {
@@ -373,7 +374,7 @@ void conv_backward_impl(const T* X, const T* W, const T* Bias, const T* DY, T* D
               if (src < 0) continue;
               const T* xr = X + (bi * l + src) * d + c0;
 #pragma omp simd
-              for (int64_t c = 0; c < nc; ++c) pre[c] += W[(c0 + c) * w + k] * xr[c];
+              for (int64_t c = 0; c < nc; ++c) pre[c] += W[k * d + c0 + c] * xr[c];
             }
 #pragma omp simd
             for (int64_t c = 0; c < nc; ++c) {
@@ -384,7 +385,8 @@ void conv_backward_impl(const T* X, const T* W, const T* Bias, const T* DY, T* D
               const int64_t src = t - (w - 1) + k;
               if (src < 0) continue;
               const T* xr = X + (bi * l + src) * d + c0;
-              for (int64_t c = 0; c < nc; ++c) DW[(c0 + c) * w + k] += dp[c] * xr[c];
+#pragma omp simd
+              for (int64_t c = 0; c < nc; ++c) DW[k * d + c0 + c] += dp[c] * xr[c];
             }
             if (DBias)
               for (int64_t c = 0; c < nc; ++c) DBias[c0 + c] += dp[c];
@@ -399,7 +401,7 @@ void conv_backward_impl(const T* X, const T* W, const T* Bias, const T* DY, T* D
               if (tt >= l) continue;
               const T* dpt = dpre.data() + (tt % w) * kChannels;
 #pragma omp simd
-              for (int64_t c = 0; c < nc; ++c) dxr[c] += W[(c0 + c) * w + k] * dpt[c];
+              for (int64_t c = 0; c < nc; ++c) dxr[c] += W[k * d + c0 + c] * dpt[c];
             }
           }
         }
@@ -410,15 +412,15 @@ void conv_backward_impl(const T* X, const T* W, const T* Bias, const T* DY, T* D
 
 at::Tensor conv_forward(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.is_contiguous(), "conv_cpu: x must be a contiguous (b, l, d) CPU tensor");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == x.size(2) && weight.is_contiguous() &&
-              weight.scalar_type() == x.scalar_type(), "conv_cpu: weight must be (d, w), contiguous, x's dtype");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(2) && weight.is_contiguous() &&
+              weight.scalar_type() == x.scalar_type(), "conv_cpu: weight must be (w, d), contiguous, x's dtype");
   if (bias) TORCH_CHECK(bias->dim() == 1 && bias->size(0) == x.size(2) && bias->is_contiguous() &&
                         bias->scalar_type() == x.scalar_type(), "conv_cpu: bias must be (d,), x's dtype");
   at::Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward", [&] {
     conv_forward_impl<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
                                 bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
-                                x.size(0), x.size(1), x.size(2), weight.size(1));
+                                x.size(0), x.size(1), x.size(2), weight.size(0));
   });
   return y;
 }
@@ -433,7 +435,7 @@ std::vector<at::Tensor> conv_backward(at::Tensor x, at::Tensor weight, c10::opti
                                  bias ? bias->data_ptr<scalar_t>() : nullptr, dy.data_ptr<scalar_t>(),
                                  dx.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
                                  bias ? db.data_ptr<scalar_t>() : nullptr, x.size(0), x.size(1), x.size(2),
-                                 weight.size(1));
+                                 weight.size(0));
   });
   return {dx, dw, db};
 }
@@ -532,6 +534,86 @@ std::vector<at::Tensor> norm_backward(at::Tensor y, at::Tensor z, at::Tensor wei
   return {dy, dz, part.sum(0)};
 }
 
+// ---- one decoding step of the whole mixer, between in_proj and out_proj --------------------------
+// zxbcdt (b, 2*di + 2*g*n + h): the in_proj output, rows [z | x B C | dt]; conv_state (b, cd, w-1)
+// the conv's previous inputs, oldest first, and ssm (b, h, p, n) the scan state, both updated in
+// place; conv weight (cd, w), bias (cd,); A, D, dt_bias (h,); norm weight (di,). Returns the gated,
+// normalised output (b, di), ready for out_proj. Same maths as the unfused step in arc/mamba2.py.
+template <typename T, int N>
+void mixer_step_impl(const T* ZX, T* CS, const T* CW, const T* CB, T* SS, const T* AA, const T* DD, const T* DTB,
+                     const T* NW, T* OUT, int64_t b, int64_t h, int64_t p, int64_t g, int64_t n_rt, int64_t w,
+                     T eps) {
+  const int64_t n = N > 0 ? N : n_rt;
+  const int64_t di = h * p, cd = di + 2 * g * n, row = 2 * di + 2 * g * n + h, r = h / g, gs = di / g;
+  at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> xc(cd), y(di);
+    for (int64_t bi = begin; bi < end; ++bi) {
+      const T* z = ZX + bi * row;
+      const T* xin = z + di;
+      const T* dtr = xin + cd;
+      T* cs = CS + bi * cd * (w - 1);
+      for (int64_t c = 0; c < cd; ++c) {  // conv step: taps 0..w-2 read the state, tap w-1 the new input
+        T* sc = cs + c * (w - 1);
+        const T* wc = CW + c * w;
+        T acc = (CB ? CB[c] : T(0)) + wc[w - 1] * xin[c];
+        for (int64_t k = 0; k < w - 1; ++k) acc += wc[k] * sc[k];
+        for (int64_t k = 0; k + 1 < w - 1; ++k) sc[k] = sc[k + 1];
+        sc[w - 2] = xin[c];
+        xc[c] = acc / (T(1) + std::exp(-acc));
+      }
+      for (int64_t hi = 0; hi < h; ++hi) {
+        const T v = dtr[hi] + DTB[hi];
+        const T dtv = v > T(20) ? v : std::log1p(std::exp(v));  // softplus, as F.softplus (threshold 20)
+        const int64_t gi = hi / r;
+        step<T, true, N>(SS + (bi * h + hi) * p * n, xc.data() + hi * p, dtv, std::exp(dtv * AA[hi]),
+                         xc.data() + di + gi * n, xc.data() + di + g * n + gi * n, y.data() + hi * p, p, n);
+        for (int64_t i = 0; i < p; ++i) y[hi * p + i] += DD[hi] * xc[hi * p + i];
+      }
+      T* out = OUT + bi * di;
+      for (int64_t g0 = 0; g0 < di; g0 += gs) {  // gated RMSNorm per group
+        T ss = 0;
+        for (int64_t c = g0; c < g0 + gs; ++c) {
+          const T u = y[c] * z[c] / (T(1) + std::exp(-z[c]));
+          out[c] = u;
+          ss += u * u;
+        }
+        const T rs = T(1) / std::sqrt(ss / T(gs) + eps);
+        for (int64_t c = g0; c < g0 + gs; ++c) out[c] = out[c] * rs * NW[c];
+      }
+    }
+  });
+}
+
+at::Tensor mixer_step_(at::Tensor zxbcdt, at::Tensor conv_state, at::Tensor conv_w, c10::optional<at::Tensor> conv_b,
+                       at::Tensor ssm, at::Tensor A, at::Tensor D, at::Tensor dt_bias, at::Tensor norm_w,
+                       int64_t ngroups, double eps) {
+  const auto dtype = ssm.scalar_type();
+  for (const at::Tensor* t : {&zxbcdt, &conv_state, &conv_w, &ssm, &A, &D, &dt_bias, &norm_w}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == dtype,
+                "mixer_step: contiguous CPU tensors of one dtype expected");
+  }
+  if (conv_b) TORCH_CHECK(conv_b->is_contiguous() && conv_b->scalar_type() == dtype, "mixer_step: conv bias");
+  const int64_t b = ssm.size(0), h = ssm.size(1), p = ssm.size(2), n = ssm.size(3), w = conv_w.size(1);
+  const int64_t di = h * p, cd = di + 2 * ngroups * n;
+  TORCH_CHECK(h % ngroups == 0 && di % ngroups == 0, "mixer_step: groups");
+  TORCH_CHECK(zxbcdt.dim() == 2 && zxbcdt.size(0) == b && zxbcdt.size(1) == 2 * di + 2 * ngroups * n + h,
+              "mixer_step: zxbcdt shape");
+  TORCH_CHECK(conv_state.dim() == 3 && conv_state.size(0) == b && conv_state.size(1) == cd && conv_state.size(2) == w - 1 &&
+              conv_w.size(0) == cd && w >= 2, "mixer_step: conv shapes");
+  TORCH_CHECK(A.numel() == h && D.numel() == h && dt_bias.numel() == h && norm_w.numel() == di, "mixer_step: per-head shapes");
+  at::Tensor out = at::empty({b, di}, ssm.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "mixer_step", [&] {
+    with_state_size(n, [&](auto nn) {
+      mixer_step_impl<scalar_t, decltype(nn)::value>(
+          zxbcdt.data_ptr<scalar_t>(), conv_state.data_ptr<scalar_t>(), conv_w.data_ptr<scalar_t>(),
+          conv_b ? conv_b->data_ptr<scalar_t>() : nullptr, ssm.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
+          D.data_ptr<scalar_t>(), dt_bias.data_ptr<scalar_t>(), norm_w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+          b, h, p, ngroups, n, w, static_cast<scalar_t>(eps));
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -539,6 +621,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step_", &ssd_step_, "one decoding step, state updated in place");
   m.def("backward", &ssd_backward, "Mamba2 scan backward: (dx, ddt, dA, dB, dC, dstate0)");
   m.def("conv_forward", &conv_forward, "silu(causal depthwise conv + bias)");
+  m.def("mixer_step_", &mixer_step_, "one decoding step of the Mamba2 mixer between in_proj and out_proj, states in place");
   m.def("norm_forward", &norm_forward, "rmsnorm(y * silu(z)) * weight per group of channels");
   m.def("norm_backward", &norm_backward, "gradients of norm_forward: (dy, dz, dweight)");
   m.def("conv_backward", &conv_backward, "gradients of conv_forward: (dx, dweight, dbias)");
