@@ -465,7 +465,10 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
         start_step, best_val = int(ckpt["step"]), float(ckpt["best_val"])
     model: torch.nn.Module = raw_model
     if cfg.compile:
-        model = torch.compile(model)
+        # on a CPU every dim is dynamic from the start: the length buckets give a new (batch, length)
+        # almost every step, and starting static cost two extra ~40 s compiles before torch gave up
+        # specialising (measured on the cpu preset); GPU keeps torch's default
+        model = torch.compile(model, dynamic=True if device.type == "cpu" else None)
     if info.is_distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -85,7 +85,8 @@ class Arm:
 
     def __post_init__(self) -> None:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.run = torch.compile(self.model) if self.compiled else self.model
+        dynamic = True if next(self.model.parameters()).device.type == "cpu" else None  # as arc/trainer.py does
+        self.run = torch.compile(self.model, dynamic=dynamic) if self.compiled else self.model
 
     def step(self, device: torch.device, timed: bool = True) -> None:
         """One optimizer step, end to end: the batch is built inside the timed region."""
