@@ -2,7 +2,7 @@
 recurrence itself, forward and backward, one (batch row, head) per task on torch's threads.
 
 It is compiled from source on first use with ``torch.utils.cpp_extension.load`` (g++ and ninja; about
-a minute once per machine, then cached under torch's extensions folder, or ``TORCH_EXTENSIONS_DIR``),
+30 s once per machine, then cached under torch's extensions folder, or ``TORCH_EXTENSIONS_DIR``),
 for the CPU it runs on (``-march=native``: the build folder's name carries a hash of the CPU's flags,
 so a folder shared between different machines never hands one the other's build). If the build or
 the import fails, the reason is logged once and :func:`available` is False: :mod:`arc.kernels` then

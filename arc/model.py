@@ -53,7 +53,7 @@ class ModelConfig:
     expand: int = help_field(2, "Mamba2 inner width = expand * d_model")
     d_conv: int = help_field(4, "Mamba2 causal conv width (2..4 for the causal_conv1d kernel)")
     ngroups: int = help_field(1, "Mamba2 groups sharing B and C (divides the number of Mamba2 heads)")
-    chunk_size: int = help_field(64, "Mamba2 SSD chunk length (64 is fastest on CPU, 256 is mamba_ssm's default on GPU)")
+    chunk_size: int = help_field(64, "Mamba2 SSD chunk length of the GPU kernels and the pure-PyTorch twin (64 is its fastest on CPU, 256 is mamba_ssm's default on GPU; the CPU's C++ scan does not chunk)")
     n_head: int = help_field(4, "attention heads (head dim = d_model / n_head, even for rotary)")
     rope_base: float = help_field(10000.0, "rotary embedding base")
     mlp_hidden: int = help_field(0, "hidden width of a gated MLP after each mixer; 0 = no MLP")
@@ -252,10 +252,11 @@ class CausalSelfAttention(nn.Module):
         y = self.out_proj(y.transpose(1, 2).reshape(b, t, c))  # (B, T, C)
         return y, (KVCache(k, v) if return_state else None)
 
-    def step(self, x: torch.Tensor, cache: KVCache, lengths: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, x: torch.Tensor, cache: KVCache, lengths: torch.Tensor, pos: torch.Tensor | None = None,
+             used: int | None = None) -> torch.Tensor:
         """One token per sequence: x (B, C) at positions ``lengths`` (B,) with 2D channels pos (B, N_POS)
         or None; writes its key and value into slot ``lengths[i]`` of sequence i and attends to slots
-        0..lengths[i] only."""
+        0..lengths[i] only (``used`` = max(lengths) + 1, read from ``lengths`` when not given)."""
         b, c = x.shape
         q, k, v = self._qkv(x[:, None])  # (B, H, 1, hd) each
         p = None if pos is None else pos[:, None]  # (B, 1, N_POS)
@@ -264,7 +265,7 @@ class CausalSelfAttention(nn.Module):
         cache.k[rows, :, lengths] = k[:, :, 0].to(cache.k.dtype)  # (B, H, hd) into slot lengths[i]
         cache.v[rows, :, lengths] = v[:, :, 0].to(cache.v.dtype)
         # attend over the slots written so far, not the whole capacity (prompt + every token allowed)
-        used = int(lengths.max()) + 1
+        used = int(lengths.max()) + 1 if used is None else used
         slots = torch.arange(used, device=x.device)
         visible = (slots[None, :] <= lengths[:, None])[:, None, None, :]  # (B, 1, 1, used)
         y = F.scaled_dot_product_attention(q.to(cache.k.dtype), cache.k[:, :, :used], cache.v[:, :, :used],
@@ -318,13 +319,13 @@ class Block(nn.Module):
         return x, state
 
     def step(self, x: torch.Tensor, state: MambaState | KVCache, lengths: torch.Tensor,
-             pos: torch.Tensor | None = None) -> torch.Tensor:
+             pos: torch.Tensor | None = None, used: int | None = None) -> torch.Tensor:
         """x (B, C) float32, one token per sequence (2D channels pos (B, N_POS) or None) -> (B, C)
-        float32; ``state`` is updated in place."""
+        float32; ``state`` is updated in place; ``used`` = max(lengths) + 1 if the caller knows it."""
         if self.kind == MAMBA:
             h = self.mixer.step(self.norm(x), state)
         else:
-            h = self.mixer.step(self.norm(x), state, lengths, pos)
+            h = self.mixer.step(self.norm(x), state, lengths, pos, used=used)
         x = x + h.float()
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x)).float()
@@ -603,7 +604,8 @@ class HybridLM(nn.Module):
             return torch.empty(0, self.cfg.vocab_size, device=tokens.device)
         self._check_ids(tokens, "tokens")
         self._check_pos(pos, (cache.batch_size,), "pos")
-        if int(cache.lengths.max()) >= cache.capacity:
+        longest = int(cache.lengths.max())  # one device sync per step, shared by every attention layer
+        if longest >= cache.capacity:
             raise ValueError(f"HybridLM.step: the cache is full ({cache.capacity} tokens); prefill with a larger max_new_tokens")
         aligned = None
         if cache.tokens is not None:
@@ -614,7 +616,7 @@ class HybridLM(nn.Module):
             aligned = torch.where(back > 0, source, torch.full_like(source, self.cfg.vocab_size))
         x = self.embed(tokens, pos, aligned)  # (B, C)
         for block, state in zip(self.layers, cache.layers):
-            x = block.step(x, state, cache.lengths, pos)
+            x = block.step(x, state, cache.lengths, pos, used=longest + 1)
         cache.lengths = cache.lengths + 1
         return self._next_logits(x)  # (B, V)
 

@@ -76,8 +76,9 @@ class TrainConfig:
     # system
     device: str = help_field("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16"] = help_field("auto", "autocast dtype: auto is bfloat16 on CUDA; on a CPU, bfloat16 where a start-up probe measures its bf16 matmul clearly faster than float32 (arc/loss.py), else float32")
-    compile: bool = help_field(False, "torch.compile the model (CPU too: the C++ Mamba2 ops are custom ops it traces; "
-                               "measured 1.10-1.17x a step on a 2-core CPU for ~40 s per new batch shape, logged as compile_s)")
+    compile: bool = help_field(False, "torch.compile the model (CPU too: the C++ Mamba2 ops are custom ops it traces, every dim "
+                               "dynamic there; on a 2-core CPU 1.10-1.17x a step on fixed shapes after ~3 compiles of 35-100 s; "
+                               "the cumulative compile time is logged as compile_s)")
     seed: int = help_field(1337, "seed of the weights, the held-out split and the data order")
     # run directory, logs, checkpoints
     out: str | None = help_field(None, "run directory (default: runs/<date-time>)")

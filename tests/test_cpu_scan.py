@@ -244,3 +244,58 @@ def test_torch_compile_traces_the_cpp_ops_without_a_graph_break():
     for k, g in grads[1][1].items():
         torch.testing.assert_close(grads[0][1][k], g, rtol=1e-3, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     assert compile_seconds() > before
+
+
+def test_extreme_activations_stay_finite_in_float32():
+    """SiLU and the norm's gate at +-100 and +-1000 (where 1 / (1 + exp(-v)) overflows in float32
+    and fast-math arithmetic turned it into NaN): finite, and equal to the reference, with gradients."""
+    extremes = torch.tensor([-1000.0, -100.0, -89.0, -20.0, 0.0, 20.0, 89.0, 100.0, 1000.0])
+    x = extremes.repeat(2, 3, 2)[..., :16].contiguous().requires_grad_()  # (2, 3, 16)
+    weight = torch.zeros(16, 1, 4)
+    weight[:, 0, -1] = 1.0  # the conv passes its input through: pre = x
+    y1, y2 = cpu_scan.conv(x, weight, None), kernels.causal_conv1d_ref(x, weight, None)
+    torch.testing.assert_close(y1, y2)
+    g1, g2 = torch.autograd.grad(y1.sum(), x), torch.autograd.grad(y2.sum(), x)
+    assert torch.isfinite(g1[0]).all()
+    torch.testing.assert_close(g1, g2)
+    y = torch.ones(2, 3, 16, requires_grad=True)
+    w = torch.ones(16)
+    o1, o2 = cpu_scan.gated_rmsnorm(y, x, w, 1e-5, 8), kernels.gated_rmsnorm_ref(y, x, w, 1e-5, 8)
+    assert torch.isfinite(o1).all()
+    torch.testing.assert_close(o1, o2)
+    d1 = torch.autograd.grad(o1.square().sum(), [y, x])
+    d2 = torch.autograd.grad(o2.square().sum(), [y, x])
+    assert all(torch.isfinite(d).all() for d in d1)
+    torch.testing.assert_close(d1, d2, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_step_with_extreme_gates_stays_finite():
+    from arc.mamba2 import Mamba2
+    torch.manual_seed(0)
+    m = Mamba2(32, d_state=16, headdim=8).eval()
+    with torch.no_grad():
+        m.in_proj.weight.mul_(300.0)  # in_proj outputs (gates, conv inputs, dt) in the hundreds
+        u = torch.randn(2, 6, 32)
+        _, fused = m(u[:, :3], return_state=True)
+        ref = type(fused)(fused.conv.clone(), fused.ssm.clone())
+        for t in range(3, 6):
+            out = m.step(u[:, t], fused)
+            with kernels.reference_path():
+                expected = m.step(u[:, t], ref)
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_step_autograd_records_takes_the_unfused_ops_and_never_drops_gradients_silently():
+    """The one-call C++ step has no backward: with gradients on, a step takes the unfused ops, whose
+    in-place state update makes a backward fail loudly (as it always did), never a silent None."""
+    from arc.mamba2 import Mamba2
+    torch.manual_seed(0)
+    m = Mamba2(32, d_state=16, headdim=8)
+    state = m.allocate_state(2, "cpu")
+    assert not kernels.fused_step_ok(torch.zeros(2, 1), state.conv, state.ssm)  # grad mode is on here
+    with torch.no_grad():
+        assert kernels.fused_step_ok(torch.zeros(2, 1), state.conv, state.ssm)
+    out = m.step(torch.randn(2, 32), state)
+    with pytest.raises(RuntimeError, match="inplace"):
+        out.square().sum().backward()

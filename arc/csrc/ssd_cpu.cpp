@@ -28,6 +28,15 @@ namespace {
 
 constexpr int64_t kBlock = 16;
 
+// The logistic function without an overflow: exp of a non-positive number only. (1 / (1 + exp(-v))
+// overflows to inf below v = -88 in float32, and under -ffast-math, which assumes finite values, the
+// vectorised division then gives NaN.)
+template <typename T>
+inline T sigmoid(T v) {
+  const T e = std::exp(-std::abs(v));
+  return v >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+}
+
 struct Dims {
   int64_t b, l, h, p, g, n;
 };
@@ -342,7 +351,7 @@ void conv_forward_impl(const T* X, const T* W, const T* Bias, T* Y, int64_t b, i
             for (int64_t c = c0; c < c1; ++c) yr[c] += W[k * d + c] * xr[c];
           }
 #pragma omp simd
-          for (int64_t c = c0; c < c1; ++c) yr[c] = yr[c] / (T(1) + std::exp(-yr[c]));
+          for (int64_t c = c0; c < c1; ++c) yr[c] = yr[c] * sigmoid(yr[c]);
         }
       }
     }
@@ -378,7 +387,7 @@ void conv_backward_impl(const T* X, const T* W, const T* Bias, const T* DY, T* D
             }
 #pragma omp simd
             for (int64_t c = 0; c < nc; ++c) {
-              const T sig = T(1) / (T(1) + std::exp(-pre[c]));
+              const T sig = sigmoid(pre[c]);
               dp[c] = dyr[c0 + c] * sig * (T(1) + pre[c] * (T(1) - sig));
             }
             for (int64_t k = 0; k < w; ++k) {
@@ -443,8 +452,6 @@ std::vector<at::Tensor> conv_backward(at::Tensor x, at::Tensor weight, c10::opti
 // ---- the gated RMSNorm after the scan: out = rmsnorm(y * silu(z)) * weight, per group of channels --
 // y, z (rows, d), weight (d,); groups of `gs` channels are normalised separately. Float32/64 only
 // (callers convert); the weight's gradient is summed per thread, then over threads.
-template <typename T>
-inline T sigmoid(T v) { return T(1) / (T(1) + std::exp(-v)); }
 
 template <typename T>
 void norm_forward_impl(const T* Y, const T* Z, const T* W, T* O, int64_t rows, int64_t d, int64_t gs, T eps) {
@@ -559,7 +566,7 @@ void mixer_step_impl(const T* ZX, T* CS, const T* CW, const T* CB, T* SS, const 
         for (int64_t k = 0; k < w - 1; ++k) acc += wc[k] * sc[k];
         for (int64_t k = 0; k + 1 < w - 1; ++k) sc[k] = sc[k + 1];
         sc[w - 2] = xin[c];
-        xc[c] = acc / (T(1) + std::exp(-acc));
+        xc[c] = acc * sigmoid(acc);
       }
       for (int64_t hi = 0; hi < h; ++hi) {
         const T v = dtr[hi] + DTB[hi];
@@ -573,7 +580,7 @@ void mixer_step_impl(const T* ZX, T* CS, const T* CW, const T* CB, T* SS, const 
       for (int64_t g0 = 0; g0 < di; g0 += gs) {  // gated RMSNorm per group
         T ss = 0;
         for (int64_t c = g0; c < g0 + gs; ++c) {
-          const T u = y[c] * z[c] / (T(1) + std::exp(-z[c]));
+          const T u = y[c] * z[c] * sigmoid(z[c]);
           out[c] = u;
           ss += u * u;
         }
