@@ -1,5 +1,7 @@
-// The Mamba2 scan on a CPU, as the plain recurrence, forward and backward, in one pass over the
-// sequence per (batch row, head). Built on first use by arc/cpu_scan.py (torch.utils.cpp_extension).
+// The Mamba2 ops on a CPU, built on first use by arc/cpu_scan.py (torch.utils.cpp_extension): the
+// scan as the plain recurrence, forward and backward, in one pass over the sequence per (batch row,
+// head); the causal depthwise conv + SiLU and the gated RMSNorm, forward and backward; and one
+// decoding step of the whole mixer between in_proj and out_proj. The scan:
 //
 //   s_t = exp(dt_t * A) s_{t-1} + (dt_t x_t) B_t^T        s: (p, n) per head, s_{-1} = initial state
 //   y_t = s_t C_t
