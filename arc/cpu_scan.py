@@ -95,9 +95,10 @@ def reason() -> str:
     return _reason or "not built yet"
 
 
-def _direct(*tensors: torch.Tensor | None) -> bool:
-    """True when the extension can be called without the custom-op wrapper (~10 us a call): no
-    gradient wanted and not inside torch.compile's tracing (decoding steps, mostly)."""
+def outside_autograd(*tensors: torch.Tensor | None) -> bool:
+    """True when no gradient is wanted of ``tensors`` and torch.compile is not tracing: the extension
+    can then be called without its custom-op wrapper (~10 us a call), and the one-call decoding
+    steps, which have no backward and update their states in place, may run."""
     if torch.compiler.is_compiling():
         return False
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
@@ -153,7 +154,7 @@ def scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C:
         initial_state = torch.zeros(b, h, p, B.shape[-1], dtype=x.dtype, device=x.device)
     args = (x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
             initial_state.to(x.dtype).contiguous())
-    if _direct(*args):
+    if outside_autograd(*args):
         y, state = module().forward(*args)
         return y, state
     return _scan_op(*args)
@@ -227,7 +228,7 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     dtype = torch.promote_types(x.dtype, torch.float32)
     args = (x.to(dtype).contiguous(), weight.squeeze(1).t().to(dtype).contiguous(),  # (w, d): taps-major
             None if bias is None else bias.to(dtype).contiguous())
-    return module().conv_forward(*args) if _direct(*args) else _conv_op(*args)
+    return module().conv_forward(*args) if outside_autograd(*args) else _conv_op(*args)
 
 
 @torch.library.custom_op("arc::gated_norm", mutates_args=())
@@ -270,5 +271,5 @@ def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: f
     """As :func:`arc.kernels.gated_rmsnorm`: computed in float32 (float64 if y is), returned in y's dtype."""
     wide = torch.promote_types(y.dtype, torch.float32)
     args = (y.to(wide).contiguous(), z.to(wide).contiguous(), weight.to(wide).contiguous())
-    out = module().norm_forward(*args, group_size, eps) if _direct(*args) else _norm_op(*args, group_size, eps)
+    out = module().norm_forward(*args, group_size, eps) if outside_autograd(*args) else _norm_op(*args, group_size, eps)
     return out.to(y.dtype)

@@ -333,15 +333,9 @@ def conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, b
 def fused_step_ok(zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> bool:
     """True when a Mamba2 decoding step can run as one C++ call (:func:`arc.cpu_scan.mixer_step_`):
     CPU tensors, the C++ twin in use, no gradient recorded, states contiguous and of one float32/64 dtype."""
-    return (not use_kernels(zxbcdt) and use_cpu_scan(zxbcdt) and no_grad_wanted()
+    return (not use_kernels(zxbcdt) and use_cpu_scan(zxbcdt) and cpu_scan.outside_autograd(zxbcdt)
             and conv_state.is_contiguous() and ssm_state.is_contiguous()
             and conv_state.dtype == ssm_state.dtype and ssm_state.dtype in (torch.float32, torch.float64))
-
-
-def no_grad_wanted() -> bool:
-    """True outside autograd (decoding runs under no_grad): the one-call C++ steps have no backward
-    and update their states in place, so a step that autograd records takes the unfused ops."""
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -359,7 +353,8 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
         wide = state.dtype
         dt = F.softplus(dt.to(wide) + dt_bias.to(wide))  # (b, h)
         xw = x.to(wide)
-        if use_cpu_scan(x) and no_grad_wanted() and state.is_contiguous() and state.dtype in (torch.float32, torch.float64):
+        if (use_cpu_scan(x) and cpu_scan.outside_autograd(x, dt, A, B, C) and state.is_contiguous()
+                and state.dtype in (torch.float32, torch.float64)):
             return cpu_scan.step_(state, xw, dt, A, B, C) + D.to(wide)[:, None] * xw
         y = ssd_step_ref(state, xw, dt, A.to(wide), B.to(wide), C.to(wide))  # (b, h, p)
         return y + D.to(wide)[:, None] * xw

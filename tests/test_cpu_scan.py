@@ -293,9 +293,10 @@ def test_a_step_autograd_records_takes_the_unfused_ops_and_never_drops_gradients
     torch.manual_seed(0)
     m = Mamba2(32, d_state=16, headdim=8)
     state = m.allocate_state(2, "cpu")
-    assert not kernels.fused_step_ok(torch.zeros(2, 1), state.conv, state.ssm)  # grad mode is on here
+    u = torch.randn(2, 32)
+    assert not kernels.fused_step_ok(m.in_proj(u), state.conv, state.ssm)  # grad mode is on here
     with torch.no_grad():
-        assert kernels.fused_step_ok(torch.zeros(2, 1), state.conv, state.ssm)
+        assert kernels.fused_step_ok(m.in_proj(u), state.conv, state.ssm)
     out = m.step(torch.randn(2, 32), state)
     with pytest.raises(RuntimeError, match="inplace"):
         out.square().sum().backward()

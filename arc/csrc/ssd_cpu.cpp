@@ -455,26 +455,27 @@ std::vector<at::Tensor> conv_backward(at::Tensor x, at::Tensor weight, c10::opti
 // y, z (rows, d), weight (d,); groups of `gs` channels are normalised separately. Float32/64 only
 // (callers convert); the weight's gradient is summed per thread, then over threads.
 
+// One row of d channels: o = rmsnorm(y * silu(z)) * W, per group of gs channels.
+template <typename T>
+inline void norm_row(const T* y, const T* z, const T* W, T* o, int64_t d, int64_t gs, T eps) {
+  for (int64_t g0 = 0; g0 < d; g0 += gs) {
+    T ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t c = g0; c < g0 + gs; ++c) {
+      const T u = y[c] * z[c] * sigmoid(z[c]);
+      o[c] = u;
+      ss += u * u;
+    }
+    const T rs = T(1) / std::sqrt(ss / T(gs) + eps);
+#pragma omp simd
+    for (int64_t c = g0; c < g0 + gs; ++c) o[c] = o[c] * rs * W[c];
+  }
+}
+
 template <typename T>
 void norm_forward_impl(const T* Y, const T* Z, const T* W, T* O, int64_t rows, int64_t d, int64_t gs, T eps) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* y = Y + r * d;
-      const T* z = Z + r * d;
-      T* o = O + r * d;
-      for (int64_t g0 = 0; g0 < d; g0 += gs) {
-        T ss = 0;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t c = g0; c < g0 + gs; ++c) {
-          const T u = y[c] * z[c] * sigmoid(z[c]);
-          o[c] = u;
-          ss += u * u;
-        }
-        const T rs = T(1) / std::sqrt(ss / T(gs) + eps);
-#pragma omp simd
-        for (int64_t c = g0; c < g0 + gs; ++c) o[c] = o[c] * rs * W[c];
-      }
-    }
+    for (int64_t r = begin; r < end; ++r) norm_row<T>(Y + r * d, Z + r * d, W, O + r * d, d, gs, eps);
   });
 }
 
@@ -578,17 +579,7 @@ void mixer_step_impl(const T* ZX, T* CS, const T* CW, const T* CB, T* SS, const 
                          xc.data() + di + gi * n, xc.data() + di + g * n + gi * n, y.data() + hi * p, p, n);
         for (int64_t i = 0; i < p; ++i) y[hi * p + i] += DD[hi] * xc[hi * p + i];
       }
-      T* out = OUT + bi * di;
-      for (int64_t g0 = 0; g0 < di; g0 += gs) {  // gated RMSNorm per group
-        T ss = 0;
-        for (int64_t c = g0; c < g0 + gs; ++c) {
-          const T u = y[c] * z[c] * sigmoid(z[c]);
-          out[c] = u;
-          ss += u * u;
-        }
-        const T rs = T(1) / std::sqrt(ss / T(gs) + eps);
-        for (int64_t c = g0; c < g0 + gs; ++c) out[c] = out[c] * rs * NW[c];
-      }
+      norm_row<T>(y.data(), z, NW, OUT + bi * di, di, gs, eps);  // the gated RMSNorm
     }
   });
 }
