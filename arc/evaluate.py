@@ -340,14 +340,16 @@ def evaluate(cfg: EvalConfig, solve_cfg: SolveConfig, ttt_cfg: TTTConfig | None 
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="solve" if adapter is None else "ttt+solve",
                unit="task", dynamic_ncols=True, disable=not cfg.progress)
     try:
-        for task in todo:
-            (pred,) = solve_tasks(model, [task], solve_cfg, device=dev, progress=False, adapter=adapter)
-            journal.add({
-                "task_id": task.id, "fingerprint": data.task_fingerprint(task),
-                "entries": submission_of([pred])[task.id], "tests": [t.info for t in pred.tests],
-                "seconds": round(pred.seconds, 3), "generated_tokens": pred.generated_tokens, "timings": pred.timings,
-            })
-            bar.update(1)
+        size = 1 if adapter is not None else solve_cfg.group  # each group is journaled as soon as it is solved
+        for start in range(0, len(todo), size):
+            group = todo[start:start + size]
+            for task, pred in zip(group, solve_tasks(model, group, solve_cfg, device=dev, progress=False, adapter=adapter)):
+                journal.add({
+                    "task_id": task.id, "fingerprint": data.task_fingerprint(task),
+                    "entries": submission_of([pred])[task.id], "tests": [t.info for t in pred.tests],
+                    "seconds": round(pred.seconds, 3), "generated_tokens": pred.generated_tokens, "timings": pred.timings,
+                })
+            bar.update(len(group))
     except KeyboardInterrupt:
         done = sum(journal.finished(t) is not None for t in tasks)
         log.warning("interrupted: %d of %d tasks done, kept in %s; run the same command to continue",

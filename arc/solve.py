@@ -3,7 +3,8 @@
 For each test input of a task, the solver builds K views of the task (:func:`arc.augment.views`),
 encodes each view's prompt (demonstrations + test input, up to the output marker), and decodes the
 output grid token by token with the model's cache: one prefill per prompt, then one ``step`` per
-token for all unfinished prompts together. Decoding is constrained so every result is a
+token for all unfinished prompts together (the prompts of ``group`` tasks at once, shortest first,
+``batch`` a batch: fewer, fuller steps). Decoding is constrained so every result is a
 well-formed grid: only colours, row end and end of output; every row as long as the first; at most
 30 rows and 30 columns. Each grid is mapped back through its view's inverse transform and the
 views vote (:func:`arc.vote.two_attempts`).
@@ -43,7 +44,10 @@ class SolveConfig:
     views: int = help_field(8, "views voted over per test input: 1 = the original only, 8 = all rotations/reflections, "
                                "more add colour permutations")
     colour_views: bool = help_field(True, "views beyond 8 add colour permutations")
-    batch: int = help_field(16, "prompts decoded together")
+    batch: int = help_field(64, "prompts decoded together (at most)")
+    group: int = help_field(4, "tasks whose prompts share the decoding batches (sorted by length across them: "
+                               "fewer, fuller decoding steps; 1.07-1.12x on a CPU, docs/BENCHMARKS.md section 13). "
+                               "Test-time training solves one task at a time")
     temperature: float = help_field(0.0, "0 = greedy; > 0 samples")
     samples: int = help_field(1, "decodes per view when sampling (best-of-n by vote)")
     seed: int = help_field(0, "seed of the colour-permutation views and of sampling")
@@ -76,6 +80,8 @@ class SolveConfig:
             raise ValueError("--samples > 1 needs --temperature > 0 (greedy decoding repeats itself)")
         if self.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {self.batch}")
+        if self.group < 1:
+            raise ValueError(f"--group must be >= 1 (tasks decoded together), got {self.group}")
         if self.select not in candidates.SELECTS:
             raise ValueError(f"--select must be one of {list(candidates.SELECTS)}, got {self.select!r}")
         if not 0 <= self.search <= 1:
@@ -280,12 +286,13 @@ class _Job:
     reason: str | None = None
     results: list[tuple[list[int], float, int]] = field(default_factory=list, repr=False)  # (ids, mean log-prob, votes)
     search: dict[str, Any] | None = None  # candidates.search's record for this prompt
+    fed: int = 0  # tokens fed to the model while decoding this prompt's answers
 
 
-def _decode_jobs(model: Any, runnable: list[_Job], cfg: SolveConfig, device: torch.device) -> int:
-    """Fill every job's results (greedy/sampled decoding, or the search); returns the tokens fed."""
+def _decode_jobs(model: Any, runnable: list[_Job], cfg: SolveConfig, device: torch.device) -> None:
+    """Fill every job's results (greedy/sampled decoding, or the search) and its tokens fed, in
+    batches of ``cfg.batch`` prompts in the order given."""
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
-    fed = 0
     for start in range(0, len(runnable), cfg.batch):
         chunk = runnable[start : start + cfg.batch]
         prompts = [j.prompt for j in chunk]
@@ -295,13 +302,12 @@ def _decode_jobs(model: Any, runnable: list[_Job], cfg: SolveConfig, device: tor
             for job, answers, record in zip(chunk, found, records):
                 job.results = [(list(f.ids), f.mean_logprob, int(f.greedy)) for f in answers]  # extras: no vote
                 job.search = record
-                fed += record["tokens"]
+                job.fed = record["tokens"]
         else:
             for job, res in zip(chunk, decode(model, prompts, device, temperature=cfg.temperature,
                                              generator=generator, dtype=cfg.dtype)):
                 job.results = [(*res, 1)]
-                fed += len(res[0])
-    return fed
+                job.fed = len(res[0])
 
 
 def _choose(model: Any, jobs: list[_Job], cfg: SolveConfig, device: torch.device, truth: np.ndarray | None
@@ -357,13 +363,11 @@ def _choose(model: Any, jobs: list[_Job], cfg: SolveConfig, device: torch.device
     return a1, a2, info
 
 
-def solve_task(model: Any, task: Task, cfg: SolveConfig, device: torch.device) -> TaskPrediction:
-    """Predict every test output of a task under cfg.views views and choose two attempts for each
-    (by ``cfg.select``)."""
-    t0 = time.time()
-    views = augment.views(cfg.views, seed=cfg.seed, colours=cfg.colour_views)
+def _task_jobs(model: Any, task: Task, cfg: SolveConfig) -> list[_Job]:
+    """One decoding job per (view, test input, sample); a job whose prompt cannot fit the model
+    carries the reason instead of a prompt."""
     jobs: list[_Job] = []
-    for view in views:
+    for view in augment.views(cfg.views, seed=cfg.seed, colours=cfg.colour_views):
         seen = view.apply_task(task)
         for i, test in enumerate(seen.test):
             try:
@@ -371,18 +375,41 @@ def solve_task(model: Any, task: Task, cfg: SolveConfig, device: torch.device) -
                 jobs += [_Job(i, view, prompt) for _ in range(cfg.samples)]
             except DoesNotFit as e:
                 jobs.append(_Job(i, view, None, f"prompt does not fit the model's max_seq_len {model.cfg.max_seq_len}: {e}"))
-    runnable = sorted((j for j in jobs if j.prompt is not None), key=lambda j: len(j.prompt.ids))
-    generated = _decode_jobs(model, runnable, cfg, device)
-    t_decoded = time.time()
+    return jobs
 
-    tests = []
-    for i, pair in enumerate(task.test):
-        a1, a2, info = _choose(model, [j for j in jobs if j.test_index == i], cfg, device, pair.output)
-        correct = None if pair.output is None else [same_grid(a, pair.output) for a in (a1, a2)]
-        tests.append(TestPrediction(a1, a2, info, correct))
-    done = time.time()
-    return TaskPrediction(task.id, tests, done - t0, generated,
-                          {"decode": round(t_decoded - t0, 3), "score": round(done - t_decoded, 3)})
+
+def solve_group(model: Any, tasks: Sequence[Task], cfg: SolveConfig, device: torch.device) -> list[TaskPrediction]:
+    """Predict every test output of these tasks under cfg.views views and choose two attempts for
+    each (by ``cfg.select``). The prompts of all the tasks are decoded together, shortest first, in
+    batches of ``cfg.batch``; each task's ``seconds`` and ``timings["decode"]`` are its share of the
+    shared decoding time, in proportion to its prompt and generated tokens."""
+    t0 = time.time()
+    jobs = [_task_jobs(model, task, cfg) for task in tasks]
+    runnable = sorted((j for js in jobs for j in js if j.prompt is not None), key=lambda j: len(j.prompt.ids))
+    _decode_jobs(model, runnable, cfg, device)
+    decode_s = time.time() - t0
+    work = [sum(len(j.prompt.ids) + j.fed for j in js if j.prompt is not None) for js in jobs]
+
+    preds = []
+    for task, task_jobs, w in zip(tasks, jobs, work):
+        t_choose = time.time()
+        tests = []
+        for i, pair in enumerate(task.test):
+            a1, a2, info = _choose(model, [j for j in task_jobs if j.test_index == i], cfg, device, pair.output)
+            correct = None if pair.output is None else [same_grid(a, pair.output) for a in (a1, a2)]
+            tests.append(TestPrediction(a1, a2, info, correct))
+        share = decode_s * w / max(sum(work), 1) if len(tasks) > 1 else decode_s
+        score_s = time.time() - t_choose
+        preds.append(TaskPrediction(task.id, tests, share + score_s, sum(j.fed for j in task_jobs),
+                                    {"decode": round(share, 3), "score": round(score_s, 3)}))
+    return preds
+
+
+def solve_task(model: Any, task: Task, cfg: SolveConfig, device: torch.device) -> TaskPrediction:
+    """Predict every test output of a task under cfg.views views and choose two attempts for each
+    (by ``cfg.select``)."""
+    (pred,) = solve_group(model, [task], cfg, device)
+    return pred
 
 
 class Adapter(Protocol):
@@ -395,10 +422,12 @@ class Adapter(Protocol):
 
 def solve_tasks(model: Any, tasks: Sequence[Task], cfg: SolveConfig, *, device: torch.device,
                 progress: bool = True, adapter: Adapter | None = None) -> list[TaskPrediction]:
-    """Solve tasks one after another with a progress bar (tasks done, running score, ETA).
+    """Solve tasks with a progress bar (tasks done, running score, ETA): ``cfg.group`` tasks at a
+    time (:func:`solve_group`).
 
     With an ``adapter``, each task is ``adapter.fit`` before it is solved and ``adapter.restore``
-    after; what ``fit`` returns is recorded in every test's info under ``"adapt"``."""
+    after (one task at a time whatever ``cfg.group``); what ``fit`` returns is recorded in every
+    test's info under ``"adapt"``."""
     was_training = model.training
     model.eval()
     results: list[TaskPrediction] = []
@@ -409,26 +438,32 @@ def solve_tasks(model: Any, tasks: Sequence[Task], cfg: SolveConfig, *, device: 
         bar = tqdm(total=len(tasks), desc="solve" if adapter is None else "ttt+solve", unit="task", dynamic_ncols=True)
     scores: list[float] = []
     try:
-        for task in tasks:
-            t0 = time.time()
-            try:
-                fitted = adapter.fit(task, device) if adapter is not None else None
-                model.eval()
-                pred = solve_task(model, task, cfg, device)
-            finally:
-                if adapter is not None:
+        size = 1 if adapter is not None else cfg.group
+        for start in range(0, len(tasks), size):
+            group = tasks[start:start + size]
+            if adapter is None:
+                preds = solve_group(model, group, cfg, device)
+            else:
+                (task,) = group
+                t0 = time.time()
+                try:
+                    fitted = adapter.fit(task, device)
+                    model.eval()
+                    pred = solve_task(model, task, cfg, device)
+                finally:
                     adapter.restore()
-            if fitted is not None:
                 pred.seconds = time.time() - t0
                 for t in pred.tests:
                     t.info["adapt"] = fitted
-            results.append(pred)
-            known = [c for c in pred.correct if c is not None]
-            if known and len(known) == len(pred.correct):
-                scores.append(sum(known) / len(known))
+                preds = [pred]
+            for pred in preds:
+                results.append(pred)
+                known = [c for c in pred.correct if c is not None]
+                if known and len(known) == len(pred.correct):
+                    scores.append(sum(known) / len(known))
             if bar is not None:
                 bar.set_postfix(score=f"{sum(scores) / max(len(scores), 1):.3f}", solved=f"{sum(s == 1 for s in scores)}")
-                bar.update(1)
+                bar.update(len(preds))
     finally:
         if bar is not None:
             bar.close()

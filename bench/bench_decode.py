@@ -2,7 +2,8 @@
 time of solving ARC-AGI-1 evaluation tasks with 8 views.
 
     python bench/bench_decode.py cache [--prompts 512,2048,3072] [--new 32] [--md docs/BENCHMARKS.md]
-    python bench/bench_decode.py solve --ckpt runs/cpu [--limit 20] [--views 8] [--dtypes float32,bfloat16] [--md ...]
+    python bench/bench_decode.py solve --ckpt runs/cpu [--limit 20] [--views 8] [--dtypes float32,bfloat16]
+                                       [--groups 1,8] [--batches 16,64] [--md ...]
 
 cache  greedy constrained decoding of --new tokens after a prompt of each length, with the model's
        cache (prefill once, one step per token; arc.solve.decode) and without it (the whole
@@ -10,10 +11,11 @@ cache  greedy constrained decoding of --new tokens after a prompt of each length
        for the default CPU model (random weights: speed does not depend on them; both paths must
        produce the same tokens, which is checked). Timings include the prefill.
 solve  eval.py's solver on the first --limit ARC-AGI-1 evaluation tasks with --views views: seconds
-       per task, extrapolated to all 400 tasks (stated as such). With several --dtypes (decoding's
-       autocast dtype, SolveConfig.dtype), every task is solved in each dtype in turn, in the same
-       process after one untimed warm-up task per dtype, so a shared machine's load falls on all of
-       them alike; each dtype's speed-up and how many attempt grids equal the first dtype's follow.
+       per task, extrapolated to all 400 tasks (stated as such). The arms are every combination of
+       --dtypes (decoding's autocast dtype), --groups (tasks whose prompts share decoding batches)
+       and --batches (prompts a batch); every chunk of tasks is solved by each arm in turn, in the
+       same process after one untimed warm-up task per arm, so a shared machine's load falls on all
+       of them alike; each arm's speed-up and how many attempt grids equal the first arm's follow.
 """
 from __future__ import annotations
 
@@ -75,44 +77,48 @@ def cmd_solve(args) -> str:
     model, ckpt = load_model(args.ckpt, device)
     tasks = load_tasks("arc1", "eval")[: args.limit]
     head = header(f"python bench/bench_decode.py solve --ckpt {args.ckpt} --limit {args.limit} --views {args.views} "
-                  f"--dtypes {args.dtypes}")  # before the work: its load average is the one at the start
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    configs = {d: SolveConfig(views=args.views, dtype=d) for d in dtypes}  # validates each name
-    resolved = {d: resolve_dtype(d, device) for d in dtypes}
-    for cfg in configs.values():  # first calls pay for thread pools, allocations and the bf16 probe
+                  f"--dtypes {args.dtypes} --groups {args.groups} --batches {args.batches}")  # its load average: the start's
+    arms = {}  # name -> SolveConfig, the Cartesian product of the lists, the first is the base
+    for d in [x.strip() for x in args.dtypes.split(",") if x.strip()]:
+        for g in [int(x) for x in args.groups.split(",")]:
+            for b in [int(x) for x in args.batches.split(",")]:
+                name = d if resolve_dtype(d, device) == d else f"{d} ({resolve_dtype(d, device)})"
+                arms[f"{name}, group {g}, batch {b}"] = SolveConfig(views=args.views, dtype=d, group=g, batch=b)  # validates
+    for cfg in arms.values():  # first calls pay for thread pools, allocations and the bf16 probe
         solve_tasks(model, tasks[:1], cfg, device=device, progress=False)
-    seconds = {d: 0.0 for d in dtypes}
-    preds: dict[str, list] = {d: [] for d in dtypes}
-    for k, task in enumerate(tasks):
-        print(f"task {k + 1}/{len(tasks)} {task.id}", flush=True)
-        for d in dtypes:
+    seconds = {a: 0.0 for a in arms}
+    preds: dict[str, list] = {a: [] for a in arms}
+    chunk = max(cfg.group for cfg in arms.values())  # every arm solves the same chunk of tasks in turn
+    for k in range(0, len(tasks), chunk):
+        print(f"tasks {k + 1}-{min(k + chunk, len(tasks))}/{len(tasks)}", flush=True)
+        for a, cfg in arms.items():
             t0 = time.perf_counter()
-            preds[d] += solve_tasks(model, [task], configs[d], device=device, progress=False)
-            seconds[d] += time.perf_counter() - t0
+            preds[a] += solve_tasks(model, tasks[k:k + chunk], cfg, device=device, progress=False)
+            seconds[a] += time.perf_counter() - t0
 
-    def attempts(d: str) -> list[np.ndarray]:
-        return [grid for p in preds[d] for t in p.tests for grid in (t.attempt_1, t.attempt_2)]
+    def attempts(a: str) -> list[np.ndarray]:
+        return [grid for p in preds[a] for t in p.tests for grid in (t.attempt_1, t.attempt_2)]
 
-    base = dtypes[0]
+    base = next(iter(arms))
     lines = [head,
              f"Checkpoint `{ckpt['path']}` ({model.num_params() / 1e6:.2f}M parameters) on {device}; "
-             f"{len(tasks)} tasks, {args.views} views, each dtype timed on the same tasks in turn.", "",
-             f"| dtype | wall time | s/task | generated tokens/s | speed-up vs {base} | attempts identical to {base}'s "
-             "| tasks solved | all 400 tasks (extrapolated) |", "|---|---|---|---|---|---|---|---|"]
-    for d in dtypes:
-        dt, tokens = seconds[d], sum(p.generated_tokens for p in preds[d])
-        same = sum(np.array_equal(a, b) for a, b in zip(attempts(d), attempts(base)))
-        solved = sum(all(c is True for c in p.correct) for p in preds[d])
-        name = d if resolved[d] == d else f"{d} ({resolved[d]})"
-        lines.append(f"| {name} | {dt:.0f} s | {dt / len(tasks):.1f} | {tokens / dt:,.0f} | **{seconds[base] / dt:.2f}x** | "
+             f"{len(tasks)} tasks, {args.views} views, every arm timed on the same tasks in turn ({chunk} at a time).", "",
+             f"| arm (dtype, tasks decoded together, prompts a batch) | wall time | s/task | generated tokens/s | speed-up vs "
+             f"the first | attempts identical to the first's | tasks solved | all 400 tasks (extrapolated) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for a in arms:
+        dt, tokens = seconds[a], sum(p.generated_tokens for p in preds[a])
+        same = sum(np.array_equal(x, y) for x, y in zip(attempts(a), attempts(base)))
+        solved = sum(all(c is True for c in p.correct) for p in preds[a])
+        lines.append(f"| {a} | {dt:.0f} s | {dt / len(tasks):.1f} | {tokens / dt:,.0f} | **{seconds[base] / dt:.2f}x** | "
                      f"{same}/{len(attempts(base))} | {solved}/{len(tasks)} | ~{dt / len(tasks) * 400 / 60:.0f} min |")
-    for d in dtypes[1:]:  # where the attempts differ: which, and the votes behind them in each dtype
-        for p, q in zip(preds[base], preds[d]):
-            for i, (a, b) in enumerate(zip(p.tests, q.tests)):
+    for a in list(arms)[1:]:  # where the attempts differ: which, and the votes behind them in each arm
+        for p, q in zip(preds[base], preds[a]):
+            for i, (x, y) in enumerate(zip(p.tests, q.tests)):
                 for k in (1, 2):
-                    if not np.array_equal(getattr(a, f"attempt_{k}"), getattr(b, f"attempt_{k}")):
-                        lines.append(f"\n{d}: task {p.task_id} test {i} attempt {k} differs; votes per distinct grid "
-                                     f"{a.info['votes']} in {base}, {b.info['votes']} in {d}.")
+                    if not np.array_equal(getattr(x, f"attempt_{k}"), getattr(y, f"attempt_{k}")):
+                        lines.append(f"\n{a}: task {p.task_id} test {i} attempt {k} differs; votes per distinct grid "
+                                     f"{x.info['votes']} in the first arm, {y.info['votes']} in this one.")
     return "\n".join(lines)
 
 
@@ -128,7 +134,9 @@ def main() -> None:
     s.add_argument("--views", type=int, default=8, help="views per test input")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--dtypes", default="auto", help="decoding dtypes to compare, comma-separated (auto, float32, "
-                                                    "bfloat16); speed-ups and identical attempts are against the first")
+                                                    "bfloat16); speed-ups and identical attempts are against the first arm")
+    s.add_argument("--groups", default="1", help="tasks decoded together (SolveConfig.group), comma-separated")
+    s.add_argument("--batches", default="16", help="prompts a decoding batch (SolveConfig.batch), comma-separated")
     for x in (c, s):
         x.add_argument("--md", default=None, help="append the markdown result to this file")
     args = p.parse_args()

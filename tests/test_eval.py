@@ -268,6 +268,37 @@ def test_an_interrupted_evaluation_keeps_its_tasks_and_the_same_command_continue
     assert solved == [] and read(out / "results.json")["run"]["resumed_tasks"] == 5
 
 
+def test_tasks_decoded_in_groups_give_the_same_results_and_each_is_journaled(tmp_path, monkeypatch):
+    """--group 3 over 5 tasks: two solve calls (3 + 2 tasks), every task in the journal, and the
+    same submission and results (floats to 6 digits) as one task at a time (a random-weight 2D
+    model, float32)."""
+    from arc.model import GRID_2D
+
+    write_tasks(tmp_path / "tasks", n=5)
+    torch.manual_seed(0)
+    ckpt = save_model(HybridLM(preset("tiny", max_seq_len=4096, **GRID_2D)), tmp_path / "m.pt")
+    assert eval_cli.main(eval_args(ckpt, tmp_path / "tasks", tmp_path / "one", "--dtype", "float32", "--group", "1")) == 0
+    real, calls = evaluate.solve_tasks, []
+    monkeypatch.setattr(evaluate, "solve_tasks", lambda model, batch, *a, **k: calls.append(len(batch)) or real(model, batch, *a, **k))
+    assert eval_cli.main(eval_args(ckpt, tmp_path / "tasks", tmp_path / "three", "--dtype", "float32", "--group", "3")) == 0
+    assert calls == [3, 2]
+    journal = (tmp_path / "three" / JOURNAL).read_text().splitlines()
+    assert sorted(json.loads(line)["task_id"] for line in journal[1:]) == [f"task{k:02d}" for k in range(5)]
+    assert read(tmp_path / "three" / "submission.json") == read(tmp_path / "one" / "submission.json")
+    one, three = without_timings(read(tmp_path / "one" / "results.json")), without_timings(read(tmp_path / "three" / "results.json"))
+    assert three["run"]["settings"]["solve"].pop("group") == 3 and one["run"]["settings"]["solve"].pop("group") == 1
+    assert rounded(one) == rounded(three)  # mean log-probabilities move in the 9th digit with the batch's rows
+
+
+def rounded(obj, digits: int = 6):
+    """A JSON value with every float rounded (sums over other batch compositions differ in the last bits)."""
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rounded(v, digits) for v in obj]
+    return round(obj, digits) if isinstance(obj, float) else obj
+
+
 def test_other_settings_in_the_same_out_are_refused_unless_overwrite(small, tmp_path, capsys):
     ckpt, tasks = small
     out = tmp_path / "o"

@@ -206,3 +206,51 @@ def test_answer_layouts_of_a_batch_are_each_answers_alone():
     tail, pos, mask = together[2]
     assert len(tail) == 16 and pos.shape == (16, pos.shape[1]) and mask.shape == (16, VOCAB_SIZE)
     assert not mask[np.arange(16), torch.as_tensor(tail)].all()  # the grammar refuses what cannot end in 12 tokens
+
+
+def oracle_for(tasks, views):
+    """A scripted model that writes, after each view's prompt of each task, that view's true output."""
+    answer = {}
+    for task in tasks:
+        for v in views:
+            seen = v.apply_task(task)
+            for test in seen.test:
+                answer[encode_prompt(seen.demos, test.input).ids.tobytes()] = list(np.append(grid_tokens(test.output), EOO))
+    return ScriptedModel(lambda p: answer[p.astype(np.int64).tobytes()])
+
+
+def test_tasks_decoded_together_each_get_their_own_answers():
+    """--group: the prompts of several tasks share decoding batches (here 5 prompts a batch, so
+    batches straddle tasks); every answer goes back to its own task, view and test input."""
+    tasks = [make_task(s) for s in range(5)]
+    tasks[2] = Task("two_tests", tasks[2].train, tasks[2].test + make_task(9).test)
+    model = oracle_for(tasks, augment.views(4))
+    alone = solve_tasks(model, tasks, SolveConfig(views=4, batch=5), device=CPU, progress=False)
+    together = solve_tasks(model, tasks, SolveConfig(views=4, batch=5, group=3), device=CPU, progress=False)
+    assert [p.task_id for p in together] == [t.id for t in tasks]
+    for task, a, b in zip(tasks, alone, together):
+        assert [t.correct for t in b.tests] == [[True, True]] * len(task.test)
+        assert all(t.info["votes"] == [4] for t in b.tests)
+        assert b.generated_tokens == a.generated_tokens > 0
+        assert b.timings["decode"] >= 0 and b.seconds >= b.timings["decode"]
+
+
+def test_a_real_model_writes_the_same_grids_whatever_the_grouping():
+    """A random-weight 2D model in float32: grouping tasks changes which prompts share a batch, not
+    what each one decodes to."""
+    from arc.model import GRID_2D, HybridLM, preset
+
+    torch.manual_seed(0)
+    model = HybridLM(preset("tiny", max_seq_len=1024, **GRID_2D)).eval()
+    tasks = [make_task(s) for s in range(6)]
+    runs = [solve_tasks(model, tasks, SolveConfig(views=4, group=g, batch=b, dtype="float32"), device=CPU, progress=False)
+            for g, b in ((1, 16), (6, 16), (4, 7))]
+    first = submission_of(runs[0])
+    for preds in runs[1:]:
+        assert submission_of(preds) == first
+        assert [p.generated_tokens for p in preds] == [p.generated_tokens for p in runs[0]]
+
+
+def test_a_group_needs_at_least_one_task():
+    with pytest.raises(ValueError, match="--group must be >= 1"):
+        SolveConfig(group=0)
