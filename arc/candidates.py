@@ -225,7 +225,7 @@ def selections(ballots: Sequence[Ballot], scores: Sequence[float] | None) -> dic
 
 def by_select(tasks: Sequence[Sequence[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """What each selection rule would have scored, from the tests' infos of each task (as
-    :func:`arc.solve.solve_task` records them: ``correct_by``): per rule the official score (mean
+    :func:`arc.solve.solve_group` records them: ``correct_by``): per rule the official score (mean
     over tasks of the share of test inputs solved by either attempt) and the tasks solved. Tasks
     with a test output unknown are left out, as the official score leaves them out."""
     rules = sorted({r for tests in tasks for t in tests for r in t.get("correct_by", {})}, key=SELECTS.index)

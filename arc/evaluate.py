@@ -5,10 +5,12 @@
 from results.json by :mod:`arc.report`).
 
 Order of work, so that nothing long runs before a mistake is found: the output folder is checked
-first (it must be a writable folder), then the checkpoint, then the tasks; then each task is solved
-and appended to ``OUTDIR/progress.jsonl`` as soon as it is done. An interrupted evaluation keeps
-every finished task there, and the same command run again continues from it (skipping finished
-tasks, with the same final outputs as an unbroken run); a finished one is rebuilt from it without
+first (it must be a writable folder), then the checkpoint, then the tasks; then the tasks are solved
+(``--group`` at a time, :meth:`arc.solve.SolveConfig.tasks_together`) and each is appended to
+``OUTDIR/progress.jsonl`` as soon as its group is done. An interrupted evaluation keeps every
+finished task there, and the same command run again continues from it (skipping finished tasks, with
+the same submission as an unbroken run; log-probabilities may differ in their last digits, since the
+remaining tasks may share decoding batches with others); a finished one is rebuilt from it without
 solving. The journal records the checkpoint's content hash and the solve/TTT settings: another
 checkpoint or other settings in the same folder are refused unless ``--overwrite true``.
 
@@ -256,6 +258,8 @@ class Journal:
                 except json.JSONDecodeError:
                     torn += 1
             old = records[0] if records and isinstance(records[0], dict) else {}
+            if isinstance(old.get("key"), dict) and isinstance(old["key"].get("solve"), dict):
+                old["key"]["solve"].setdefault("group", 1)  # journals from before --group solved one task at a time
             if old.get("journal") != "arc-eval" or old.get("version") != JOURNAL_VERSION:
                 if not overwrite:
                     raise OutputError(f"{self.path}: not a progress journal of this eval.py; use another --out "
@@ -340,10 +344,11 @@ def evaluate(cfg: EvalConfig, solve_cfg: SolveConfig, ttt_cfg: TTTConfig | None 
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="solve" if adapter is None else "ttt+solve",
                unit="task", dynamic_ncols=True, disable=not cfg.progress)
     try:
-        size = 1 if adapter is not None else solve_cfg.group  # each group is journaled as soon as it is solved
+        size = solve_cfg.tasks_together(adapting=adapter is not None)  # each group is journaled once solved
         for start in range(0, len(todo), size):
             group = todo[start:start + size]
             for task, pred in zip(group, solve_tasks(model, group, solve_cfg, device=dev, progress=False, adapter=adapter)):
+                assert pred.task_id == task.id
                 journal.add({
                     "task_id": task.id, "fingerprint": data.task_fingerprint(task),
                     "entries": submission_of([pred])[task.id], "tests": [t.info for t in pred.tests],

@@ -45,7 +45,8 @@ the caller knows about how the submission was made; strict JSON (no NaN: non-fin
           "pass_at_1": float | null,
           "solved": bool | null,
           "info": {...},            # the caller's per-task record; eval.py: seconds, generated_tokens,
-                                    #   timings {decode, score} (seconds), seen_in_training (bool)
+                                    #   timings {decode, score} (seconds; decode is the task's share, by
+                                    #   tokens, of its --group's decoding), seen_in_training (bool)
           "tests": [                # one per test input, in order
             {
               "index": int,

@@ -44,10 +44,13 @@ class SolveConfig:
     views: int = help_field(8, "views voted over per test input: 1 = the original only, 8 = all rotations/reflections, "
                                "more add colour permutations")
     colour_views: bool = help_field(True, "views beyond 8 add colour permutations")
-    batch: int = help_field(64, "prompts decoded together (at most)")
+    batch: int = help_field(64, "prompts decoded together (at most; --search and --select product/both take at "
+                                "most 16 a batch: each search prompt explores --search_rows rows, and scoring reads "
+                                "whole sequences)")
     group: int = help_field(4, "tasks whose prompts share the decoding batches (sorted by length across them: "
                                "fewer, fuller decoding steps; 1.07-1.12x on a CPU, docs/BENCHMARKS.md section 13). "
-                               "Test-time training solves one task at a time")
+                               "Greedy answers do not depend on it; test-time training and sampling "
+                               "(--temperature > 0) solve one task at a time")
     temperature: float = help_field(0.0, "0 = greedy; > 0 samples")
     samples: int = help_field(1, "decodes per view when sampling (best-of-n by vote)")
     seed: int = help_field(0, "seed of the colour-permutation views and of sampling")
@@ -66,6 +69,12 @@ class SolveConfig:
     search_rows: int = help_field(16, "--search: partial grids explored at once per view (caps its cost)")
     score_max: int = help_field(64, "--select product/both: distinct grids scored per test input (the most voted first; "
                                     "64 = every grid a --search with the default --search_max finds under 8 views)")
+
+    def tasks_together(self, adapting: bool = False) -> int:
+        """Tasks solved in one :func:`solve_group` call: ``group``, but one at a time with test-time
+        training (each task has its own weights) or sampling (each task keeps its own random stream,
+        so its samples do not depend on which tasks are solved with it, or on a resumed run)."""
+        return 1 if adapting or self.temperature > 0 else self.group
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -276,6 +285,7 @@ def teacher_forced(model: Any, prompts: Sequence[Encoded], answers: Sequence[np.
 
 
 RUNNERS_UP = 6  # candidate grids kept in each test's info (best first by the rule used), for the report
+HEAVY_BATCH = 16  # the most prompts a --search batch (each explores up to --search_rows rows) or a scoring batch takes
 
 
 @dataclass
@@ -291,10 +301,11 @@ class _Job:
 
 def _decode_jobs(model: Any, runnable: list[_Job], cfg: SolveConfig, device: torch.device) -> None:
     """Fill every job's results (greedy/sampled decoding, or the search) and its tokens fed, in
-    batches of ``cfg.batch`` prompts in the order given."""
+    batches of ``cfg.batch`` prompts (at most ``HEAVY_BATCH`` under the search) in the order given."""
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
-    for start in range(0, len(runnable), cfg.batch):
-        chunk = runnable[start : start + cfg.batch]
+    size = min(cfg.batch, HEAVY_BATCH) if cfg.search > 0 else cfg.batch
+    for start in range(0, len(runnable), size):
+        chunk = runnable[start : start + size]
         prompts = [j.prompt for j in chunk]
         if cfg.search > 0:
             found, records = candidates.search(model, prompts, device, threshold=cfg.search, max_candidates=cfg.search_max,
@@ -342,7 +353,8 @@ def _choose(model: Any, jobs: list[_Job], cfg: SolveConfig, device: torch.device
                 seen_views.add(str(job.view))
                 scored_views.append((job.view, job.prompt))
         top = ballots[: cfg.score_max]
-        table = candidates.view_scores(model, scored_views, [b.grid for b in top], device, batch=cfg.batch, dtype=cfg.dtype)
+        table = candidates.view_scores(model, scored_views, [b.grid for b in top], device,
+                                       batch=min(cfg.batch, HEAVY_BATCH), dtype=cfg.dtype)
         scores = [candidates.product_score(row) for row in table] + [-math.inf] * (len(ballots) - len(top))
         info["score_views"] = [str(v) for v, _ in scored_views]
         for b, row, sc in zip(info["ballots"], table, scores):
@@ -422,8 +434,8 @@ class Adapter(Protocol):
 
 def solve_tasks(model: Any, tasks: Sequence[Task], cfg: SolveConfig, *, device: torch.device,
                 progress: bool = True, adapter: Adapter | None = None) -> list[TaskPrediction]:
-    """Solve tasks with a progress bar (tasks done, running score, ETA): ``cfg.group`` tasks at a
-    time (:func:`solve_group`).
+    """Solve tasks with a progress bar (tasks done, running score, ETA), ``cfg.tasks_together()`` at
+    a time (:func:`solve_group`).
 
     With an ``adapter``, each task is ``adapter.fit`` before it is solved and ``adapter.restore``
     after (one task at a time whatever ``cfg.group``); what ``fit`` returns is recorded in every
@@ -438,7 +450,7 @@ def solve_tasks(model: Any, tasks: Sequence[Task], cfg: SolveConfig, *, device: 
         bar = tqdm(total=len(tasks), desc="solve" if adapter is None else "ttt+solve", unit="task", dynamic_ncols=True)
     scores: list[float] = []
     try:
-        size = 1 if adapter is not None else cfg.group
+        size = cfg.tasks_together(adapting=adapter is not None)
         for start in range(0, len(tasks), size):
             group = tasks[start:start + size]
             if adapter is None:

@@ -80,8 +80,8 @@ def cmd_solve(args) -> str:
                   f"--dtypes {args.dtypes} --groups {args.groups} --batches {args.batches}")  # its load average: the start's
     arms = {}  # name -> SolveConfig, the Cartesian product of the lists, the first is the base
     for d in [x.strip() for x in args.dtypes.split(",") if x.strip()]:
-        for g in [int(x) for x in args.groups.split(",")]:
-            for b in [int(x) for x in args.batches.split(",")]:
+        for g in [int(x) for x in args.groups.split(",") if x.strip()]:
+            for b in [int(x) for x in args.batches.split(",") if x.strip()]:
                 name = d if resolve_dtype(d, device) == d else f"{d} ({resolve_dtype(d, device)})"
                 arms[f"{name}, group {g}, batch {b}"] = SolveConfig(views=args.views, dtype=d, group=g, batch=b)  # validates
     for cfg in arms.values():  # first calls pay for thread pools, allocations and the bf16 probe
@@ -135,8 +135,9 @@ def main() -> None:
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--dtypes", default="auto", help="decoding dtypes to compare, comma-separated (auto, float32, "
                                                     "bfloat16); speed-ups and identical attempts are against the first arm")
-    s.add_argument("--groups", default="1", help="tasks decoded together (SolveConfig.group), comma-separated")
-    s.add_argument("--batches", default="16", help="prompts a decoding batch (SolveConfig.batch), comma-separated")
+    s.add_argument("--groups", default=str(SolveConfig.group), help="tasks decoded together (SolveConfig.group), "
+                   "comma-separated; the tasks are handed to every arm in chunks of the largest, so use divisors of it")
+    s.add_argument("--batches", default=str(SolveConfig.batch), help="prompts a decoding batch (SolveConfig.batch), comma-separated")
     for x in (c, s):
         x.add_argument("--md", default=None, help="append the markdown result to this file")
     args = p.parse_args()

@@ -290,6 +290,22 @@ def test_tasks_decoded_in_groups_give_the_same_results_and_each_is_journaled(tmp
     assert rounded(one) == rounded(three)  # mean log-probabilities move in the 9th digit with the batch's rows
 
 
+def test_a_journal_from_before_group_continues_as_one_task_at_a_time(small, tmp_path, monkeypatch):
+    """Journals written before --group existed lack it in their key: they solved one task at a time,
+    so the same settings with --group 1 continue them."""
+    ckpt, tasks = small
+    out = tmp_path / "o"
+    assert eval_cli.main(eval_args(ckpt, tasks, out, "--group", "1")) == 0
+    lines = (out / JOURNAL).read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["key"]["solve"]["group"]
+    (out / JOURNAL).write_text("\n".join([json.dumps(header)] + lines[1:4]) + "\n")  # 3 of 5 tasks done
+    real, solved = evaluate.solve_tasks, []
+    monkeypatch.setattr(evaluate, "solve_tasks", lambda model, batch, *a, **k: solved.extend(t.id for t in batch) or real(model, batch, *a, **k))
+    assert eval_cli.main(eval_args(ckpt, tasks, out, "--group", "1")) == 0
+    assert solved == ["task03", "task04"]
+
+
 def rounded(obj, digits: int = 6):
     """A JSON value with every float rounded (sums over other batch compositions differ in the last bits)."""
     if isinstance(obj, dict):
