@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from arc import candidates, checkpoint, data, kernels, sources
+from arc import alloc, candidates, checkpoint, data, kernels, sources
 from arc.config import help_field
 from arc.dist import pick_device
 from arc.files import atomic_write_text
@@ -260,6 +260,7 @@ class Journal:
             old = records[0] if records and isinstance(records[0], dict) else {}
             if isinstance(old.get("key"), dict) and isinstance(old["key"].get("solve"), dict):
                 old["key"]["solve"].setdefault("group", 1)  # journals from before --group solved one task at a time
+                old["key"]["solve"].setdefault("draft", 0)  # and from before --draft, one token a step
             if old.get("journal") != "arc-eval" or old.get("version") != JOURNAL_VERSION:
                 if not overwrite:
                     raise OutputError(f"{self.path}: not a progress journal of this eval.py; use another --out "
@@ -321,11 +322,12 @@ def evaluate(cfg: EvalConfig, solve_cfg: SolveConfig, ttt_cfg: TTTConfig | None 
     out = prepare_out(cfg.out)
     ttt_cfg = ttt_cfg if ttt_cfg is not None and ttt_cfg.enabled else None
     dev = pick_device(cfg.device)
+    allocator = alloc.tune()  # before the first large tensor (arc/alloc.py)
     model, saved = load_model(cfg.ckpt, dev, cfg.which)
     dtype = resolve_dtype(solve_cfg.dtype, dev)  # decoding's; results.json's run records it
     ttt_dtype = None if ttt_cfg is None else resolve_dtype(ttt_cfg.dtype, dev)
-    log.info("%s on %s; %s; decoding in %s (--dtype %s)%s", saved["path"], dev, kernels.describe(), dtype,
-             solve_cfg.dtype, "" if ttt_dtype is None else f", test-time training in {ttt_dtype}")
+    log.info("%s on %s; %s; %s; decoding in %s (--dtype %s)%s", saved["path"], dev, kernels.describe(), allocator,
+             dtype, solve_cfg.dtype, "" if ttt_dtype is None else f", test-time training in {ttt_dtype}")
     selection = load_selection(cfg)
     tasks = selection.tasks
     seen = set(seen_in_training(tasks, saved))

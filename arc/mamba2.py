@@ -40,6 +40,35 @@ class MambaState:
         return MambaState(self.conv.index_select(0, index), self.ssm.index_select(0, index))
 
 
+@dataclass
+class MambaPending:
+    """What :meth:`Mamba2.extend` read, kept until the decoder knows how many tokens it keeps."""
+
+    window: torch.Tensor  # (B, d_conv - 1 + T, conv_dim) the conv's previous inputs, then the T tokens'
+    cum: torch.Tensor  # (B, T, h) cumulative log decay from the entering state
+    dt: torch.Tensor  # (B, T, h) step sizes after softplus
+    x: torch.Tensor  # (B, T, h, p)
+    B: torch.Tensor  # (B, T, h, n)
+
+    def commit(self, state: MambaState, last: torch.Tensor) -> None:
+        """Move ``state`` (the one extend started from) past tokens 0..last[i] of sequence i, in place:
+        exactly the scan's recurrence, summed in closed form over the kept tokens."""
+        b, t, h = self.cum.shape
+        p, n = self.x.shape[-1], self.B.shape[-1]
+        kept = torch.arange(t, device=last.device)[None, :, None] <= last[:, None, None]  # (B, T, 1)
+        at_last = self.cum.gather(1, last[:, None, None].expand(-1, 1, h))  # (B, 1, h)
+        decay = torch.exp(torch.where(kept, at_last - self.cum, torch.zeros_like(self.cum)))
+        weight = torch.where(kept, decay * self.dt, torch.zeros_like(self.dt))  # (B, T, h)
+        wx = (weight[..., None] * self.x).permute(0, 2, 3, 1).reshape(b * h, p, t)  # (B*h, p, T)
+        ssm = state.ssm.view(b * h, p, n)  # the state, updated in place: decayed, then the kept inputs added
+        ssm.mul_(torch.exp(at_last[:, 0]).to(ssm.dtype).reshape(b * h, 1, 1))
+        ssm.baddbmm_(wx.to(ssm.dtype), self.B.permute(0, 2, 1, 3).reshape(b * h, t, n).to(ssm.dtype))
+        w1 = state.conv.shape[-1]
+        index = last[:, None] + 1 + torch.arange(w1, device=last.device)  # the w1 inputs ending at token last
+        conv = self.window.gather(1, index[..., None].expand(-1, -1, self.window.shape[-1]))  # (B, w1, conv_dim)
+        state.conv.copy_(conv.transpose(1, 2))
+
+
 def init_dt_bias(nheads: int, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """``mamba_ssm``'s dt init: dt log-uniform in [dt_min, dt_max], floored at dt_init_floor, stored as
@@ -132,6 +161,38 @@ class Mamba2(nn.Module):
         y = self.norm(y.reshape(b, l, self.d_inner), z)  # (B, L, d_inner)
         out = self.out_proj(y)  # (B, L, d_model)
         return out, (MambaState(conv_state, ssm_state.float()) if return_state else None)
+
+    def extend(self, u: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaPending]:
+        """T tokens per sequence after ``state``, which is left as it is: u (B, T, d_model) ->
+        (y (B, T, d_model), what :meth:`MambaPending.commit` needs to move the state past the first
+        tokens of each sequence). The speculative decoder's verification pass: y[:, t] equals what
+        T calls of :meth:`step` would give (the scan written out for one short chunk, in float32 or wider)."""
+        b, t, _ = u.shape
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        z, xBC, dt = self._split(self.in_proj(u))  # (B, T, d_inner), (B, T, conv_dim), (B, T, h)
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            wide = torch.promote_types(u.dtype, torch.float32)
+            w1 = self.d_conv - 1
+            window = torch.cat([state.conv.transpose(1, 2).to(wide), xBC.to(wide)], dim=1)  # (B, w1 + T, conv_dim)
+            taps = self.conv1d.weight[:, 0, :].to(wide)  # (conv_dim, d_conv) tap k multiplies the input w1-k steps back
+            conv = self.conv1d.bias.to(wide) + sum(window[:, k:k + t] * taps[:, k] for k in range(self.d_conv))
+            x, B, C = torch.split(F.silu(conv), [self.d_inner, g * n, g * n], dim=-1)
+            x = x.reshape(b, t, h, p)
+            B = B.reshape(b, t, g, n).repeat_interleave(h // g, dim=2)  # (B, T, h, n)
+            C = C.reshape(b, t, g, n).repeat_interleave(h // g, dim=2)
+            dt = F.softplus(dt.to(wide) + self.dt_bias.to(wide))  # (B, T, h)
+            A = -torch.exp(self.A_log.float()).to(wide)  # (h,) as forward and step compute it
+            cum = torch.cumsum(dt * A, dim=1)  # (B, T, h) log decay since the state
+            # from the entering state: exp(cum_t) C_t . s
+            y = torch.einsum("bhpn,bthn->bthp", state.ssm.to(wide), C) * torch.exp(cum)[..., None]
+            # within the T tokens: sum over s <= t of exp(cum_t - cum_s) dt_s (C_t . B_s) x_s
+            gap = cum.transpose(1, 2)[..., :, None] - cum.transpose(1, 2)[..., None, :]  # (B, h, T, S)
+            causal = torch.ones(t, t, dtype=torch.bool, device=u.device).tril()
+            weights = torch.exp(gap.masked_fill(~causal, -math.inf)) * dt.transpose(1, 2)[:, :, None, :]
+            weights = weights * torch.einsum("bthn,bshn->bhts", C, B)
+            y = y + torch.einsum("bhts,bshp->bthp", weights, x) + self.D.to(wide)[:, None] * x  # (B, T, h, p)
+        y = self.norm(y.reshape(b, t, self.d_inner).to(z.dtype), z)  # (B, T, d_inner)
+        return self.out_proj(y), MambaPending(window, cum, dt, x, B)
 
     def allocate_state(self, batch: int, device: torch.device | str) -> MambaState:
         """A zero state, as before any token."""

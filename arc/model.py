@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arc.config import help_field
-from arc.mamba2 import Mamba2, MambaState, init_A_log, init_dt_bias
+from arc.mamba2 import Mamba2, MambaPending, MambaState, init_A_log, init_dt_bias
 from arc.loss import mean_loss
 from arc.tokens import (BLOCK_SIZE, N_KINDS, N_POS, POS_ALIGN, POS_COL, POS_KIND, POS_MCOL, POS_MROW, POS_ROW, POS_SIZE,
                         VOCAB_SIZE)
@@ -193,23 +193,41 @@ class Rotary(nn.Module):
             self.register_buffer("cell_cos", cos, persistent=False)  # (POS_SIZE, cell_dim/2)
             self.register_buffer("cell_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, H, T, hd) at sequence positions (T,) shared or (B, T) per sequence, and the 2D channels
-        ``pos`` (B, T, N_POS) when a part uses them -> same shape and dtype."""
+    def tables(self, positions: torch.Tensor, pos: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each part's (cos, sin) at sequence positions (T,) shared or (B, T) per sequence and the 2D
+        channels ``pos`` (B, T, N_POS) when a part uses them: (T, d/2) or (B, 1, T, d/2), for
+        :meth:`apply` (the queries and the keys of one call share them)."""
         def per_head(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             out = table[index]  # (T, d/2) or (B, T, d/2)
             return out[:, None] if index.dim() == 2 else out  # (B, 1, T, d/2) broadcasts over heads
 
-        xf, start, out = x.float(), 0, []
-        for dims, channel in self.parts:
-            piece = xf[..., start:start + dims]
+        out = []
+        for _, channel in self.parts:
             if channel is None:
-                out.append(_rotate(piece, per_head(self.cos, positions), per_head(self.sin, positions)))
+                out.append((per_head(self.cos, positions), per_head(self.sin, positions)))
             else:
                 index = pos[..., channel]  # (B, T)
-                out.append(_rotate(piece, per_head(self.cell_cos, index), per_head(self.cell_sin, index)))
+                out.append((per_head(self.cell_cos, index), per_head(self.cell_sin, index)))
+        return out
+
+    def apply(self, x: torch.Tensor, tables: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """x (B, H, T, hd) rotated by :meth:`tables` -> same shape and dtype."""
+        xf, start, out = x.float(), 0, []
+        for (dims, _), (cos, sin) in zip(self.parts, tables):
+            out.append(_rotate(xf[..., start:start + dims], cos, sin))
             start += dims
         return (out[0] if len(out) == 1 else torch.cat(out, dim=-1)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, H, T, hd) at sequence positions (T,) shared or (B, T) per sequence, and the 2D channels
+        ``pos`` (B, T, N_POS) when a part uses them -> same shape and dtype."""
+        return self.apply(x, self.tables(positions, pos))
+
+    def pair(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, pos: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` of the queries and the keys at the same positions, the tables looked up once."""
+        tables = self.tables(positions, pos)
+        return self.apply(q, tables), self.apply(k, tables)
 
 
 @dataclass
@@ -247,7 +265,7 @@ class CausalSelfAttention(nn.Module):
         b, t, c = x.shape
         q, k, v = self._qkv(x)  # (B, H, T, hd) each
         positions = torch.arange(t, device=x.device)
-        q, k = self.rotary(q, positions, pos), self.rotary(k, positions, pos)
+        q, k = self.rotary.pair(q, k, positions, pos)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = self.out_proj(y.transpose(1, 2).reshape(b, t, c))  # (B, T, C)
         return y, (KVCache(k, v) if return_state else None)
@@ -260,7 +278,7 @@ class CausalSelfAttention(nn.Module):
         b, c = x.shape
         q, k, v = self._qkv(x[:, None])  # (B, H, 1, hd) each
         p = None if pos is None else pos[:, None]  # (B, 1, N_POS)
-        q, k = self.rotary(q, lengths[:, None], p), self.rotary(k, lengths[:, None], p)
+        q, k = self.rotary.pair(q, k, lengths[:, None], p)
         rows = torch.arange(b, device=x.device)
         cache.k[rows, :, lengths] = k[:, :, 0].to(cache.k.dtype)  # (B, H, hd) into slot lengths[i]
         cache.v[rows, :, lengths] = v[:, :, 0].to(cache.v.dtype)
@@ -271,6 +289,26 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q.to(cache.k.dtype), cache.k[:, :, :used], cache.v[:, :, :used],
                                            attn_mask=visible)  # (B, H, 1, hd)
         return self.out_proj(y.reshape(b, c).to(x.dtype))  # (B, C)
+
+    def extend(self, x: torch.Tensor, cache: KVCache, lengths: torch.Tensor, pos: torch.Tensor | None = None,
+               used: int | None = None) -> torch.Tensor:
+        """T tokens per sequence: x (B, T, C) at positions ``lengths[i] + t`` (2D channels pos (B, T,
+        N_POS) or None); writes their keys and values into those slots and attends causally over the
+        sequence's slots (``used`` = max(lengths) + T when not given). One read of the cache for T
+        tokens; slots past what the caller keeps are overwritten later and never read before."""
+        b, t, c = x.shape
+        q, k, v = self._qkv(x)  # (B, H, T, hd) each
+        where = lengths[:, None] + torch.arange(t, device=x.device)  # (B, T) slot of each token
+        q, k = self.rotary.pair(q, k, where, pos)
+        rows = torch.arange(b, device=x.device)[:, None]
+        cache.k[rows, :, where] = k.transpose(1, 2).to(cache.k.dtype)  # (B, T, H, hd) into slots where[i]
+        cache.v[rows, :, where] = v.transpose(1, 2).to(cache.v.dtype)
+        used = int(lengths.max()) + t if used is None else used
+        slots = torch.arange(used, device=x.device)
+        visible = (slots[None, None, :] <= where[:, :, None])[:, None]  # (B, 1, T, used)
+        y = F.scaled_dot_product_attention(q.to(cache.k.dtype), cache.k[:, :, :used], cache.v[:, :, :used],
+                                           attn_mask=visible)  # (B, H, T, hd)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, c).to(x.dtype))  # (B, T, C)
 
 
 class GatedMLP(nn.Module):
@@ -330,6 +368,21 @@ class Block(nn.Module):
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x)).float()
         return x
+
+    def extend(self, x: torch.Tensor, state: MambaState | KVCache, lengths: torch.Tensor,
+               pos: torch.Tensor | None = None, used: int | None = None) -> tuple[torch.Tensor, MambaPending | None]:
+        """:meth:`step` for T tokens per sequence: x (B, T, C) float32 -> (B, T, C) float32 and, for a
+        Mamba2 layer, what committing needs (its state is not changed; an attention layer writes its
+        slots)."""
+        pending = None
+        if self.kind == MAMBA:
+            h, pending = self.mixer.extend(self.norm(x), state)
+        else:
+            h = self.mixer.extend(self.norm(x), state, lengths, pos, used=used)
+        x = x + h.float()
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x)).float()
+        return x, pending
 
 
 # ---- decoding state -----------------------------------------------------------------------------
@@ -619,6 +672,46 @@ class HybridLM(nn.Module):
             x = block.step(x, state, cache.lengths, pos, used=longest + 1)
         cache.lengths = cache.lengths + 1
         return self._next_logits(x)  # (B, V)
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, cache: InferenceCache, pos: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, list[MambaPending | None]]:
+        """Feed T tokens per sequence (B, T) at once, with their 2D channels pos (B, T, N_POS) when the
+        config uses them, and return the logits after each (B, T, V) float32 and what :meth:`commit`
+        needs. Nothing is kept until :meth:`commit` says how many of each sequence's tokens to keep:
+        a speculative decoder's verification of drafted tokens, reading the attention caches once
+        for all T. ``extend`` then ``commit(cache, pending, T - 1)`` leaves the cache as T calls of
+        :meth:`step` would, with the same logits (up to rounding)."""
+        if tokens.dim() != 2 or tokens.shape[0] != cache.batch_size or tokens.shape[1] < 1:
+            raise ValueError(f"HybridLM.extend: tokens must have shape ({cache.batch_size}, T >= 1), got {tuple(tokens.shape)}")
+        self._check_ids(tokens, "tokens")
+        self._check_pos(pos, tuple(tokens.shape), "pos")
+        t = tokens.shape[1]
+        longest = int(cache.lengths.max())
+        if longest + t > cache.capacity:
+            raise ValueError(f"HybridLM.extend: {t} tokens after {longest} do not fit the cache's {cache.capacity} slots")
+        aligned = None
+        if cache.tokens is not None:
+            rows = torch.arange(cache.batch_size, device=tokens.device)[:, None]
+            where = cache.lengths[:, None] + torch.arange(t, device=tokens.device)  # (B, T)
+            cache.tokens[rows, where] = tokens
+            back = pos[..., POS_ALIGN]  # (B, T)
+            source = cache.tokens[rows, (where - back).clamp(min=0)]  # (B, T)
+            aligned = torch.where(back > 0, source, torch.full_like(source, self.cfg.vocab_size))
+        x = self.embed(tokens, pos, aligned)  # (B, T, C)
+        pending = []
+        for block, state in zip(self.layers, cache.layers):
+            x, p = block.extend(x, state, cache.lengths, pos, used=longest + t)
+            pending.append(p)
+        return self._next_logits(x), pending  # (B, T, V)
+
+    @torch.no_grad()
+    def commit(self, cache: InferenceCache, pending: list[MambaPending | None], last: torch.Tensor) -> None:
+        """Keep tokens 0..last[i] (B,) of sequence i from the :meth:`extend` that returned ``pending``."""
+        for p, state in zip(pending, cache.layers):
+            if p is not None:
+                p.commit(state, last)
+        cache.lengths = cache.lengths + last + 1
 
     def _next_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Decoding's next-token logits from the last residual x (B, C): the final norm and the head in

@@ -4,7 +4,8 @@ For each test input of a task, the solver builds K views of the task (:func:`arc
 encodes each view's prompt (demonstrations + test input, up to the output marker), and decodes the
 output grid token by token with the model's cache: one prefill per prompt, then one ``step`` per
 token for all unfinished prompts together (the prompts of ``group`` tasks at once, shortest first,
-``batch`` a batch: fewer, fuller steps). Decoding is constrained so every result is a
+``batch`` a batch: fewer, fuller steps; with ``draft``, several guessed tokens checked in one pass
+where the guesses have been right, see :func:`decode`). Decoding is constrained so every result is a
 well-formed grid: only colours, row end and end of output; every row as long as the first; at most
 30 rows and 30 columns. Each grid is mapped back through its view's inverse transform and the
 views vote (:func:`arc.vote.two_attempts`).
@@ -18,10 +19,12 @@ teacher forcing under every view and the attempts go to the best sum of log-prob
 The model is only asked for ``cfg.max_seq_len`` (the longest sequence it takes: prompts drop
 demonstrations to leave room for an answer, and the answer ends within what is left),
 ``prefill(prompts, max_new_tokens, positions) -> (cache, logits)``, ``step(tokens, cache, pos) ->
-logits`` and ``cache.select(index)``; ``positions``/``pos`` are the 2D channels of arc.tokens.
+logits`` and ``cache.select(index)``; ``positions``/``pos`` are the 2D channels of arc.tokens. A model
+that also has ``extend`` and ``commit`` (:class:`arc.model.HybridLM`) gets speculative decoding.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -51,6 +54,10 @@ class SolveConfig:
                                "fewer, fuller decoding steps; 1.07-1.12x on a CPU, docs/BENCHMARKS.md section 13). "
                                "Greedy answers do not depend on it; test-time training and sampling "
                                "(--temperature > 0) solve one task at a time")
+    draft: int = help_field(16, "greedy decoding guesses up to this many next tokens from the input grid or the row "
+                                "above and checks them in one pass (speculative decoding: the same grids, one read of "
+                                "the attention caches for several tokens; docs/BENCHMARKS.md section 15); 0 = one "
+                                "token a step")
     temperature: float = help_field(0.0, "0 = greedy; > 0 samples")
     samples: int = help_field(1, "decodes per view when sampling (best-of-n by vote)")
     seed: int = help_field(0, "seed of the colour-permutation views and of sampling")
@@ -89,6 +96,8 @@ class SolveConfig:
             raise ValueError("--samples > 1 needs --temperature > 0 (greedy decoding repeats itself)")
         if self.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {self.batch}")
+        if self.draft < 0:
+            raise ValueError(f"--draft must be >= 0 (tokens guessed at once; 0 = none), got {self.draft}")
         if self.group < 1:
             raise ValueError(f"--group must be >= 1 (tasks decoded together), got {self.group}")
         if self.select not in candidates.SELECTS:
@@ -115,7 +124,7 @@ class TaskPrediction:
     task_id: str
     tests: list[TestPrediction]
     seconds: float
-    generated_tokens: int  # tokens fed to the model while decoding (every explored branch under --search)
+    generated_tokens: int  # answer tokens decoded (every explored branch under --search; drafted guesses not counted)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: "decode" and "score" (product scoring)
 
     @property
@@ -140,6 +149,7 @@ def decode(
     generator: torch.Generator | None = None,
     max_new_tokens: int = MAX_GRID_TOKENS,
     dtype: str = "float32",
+    draft: int = 0,
 ) -> list[tuple[list[int], float]]:
     """Constrained decoding of a batch of prompts (from :func:`arc.tokens.encode_prompt`): each one's
     generated ids (through EOO) and the model's mean log-probability per generated token (from its
@@ -148,13 +158,23 @@ def decode(
 
     The prefill and every step run under :func:`arc.loss.autocast_for` ``dtype`` (float32: no
     autocast, the reference path); the mask, the argmax/sampling and the log-probabilities
-    always work on float32 logits."""
+    always work on float32 logits.
+
+    ``draft`` > 0 (greedy only, a model with ``extend``/``commit``): speculative decoding. After each
+    token, up to ``draft`` next tokens are guessed from the grid being written
+    (:meth:`arc.tokens.LayoutTracker.guess`: the input cell under the cursor, or the row above),
+    fed in one :meth:`~arc.model.HybridLM.extend`, and kept while each is the masked argmax there:
+    the same tokens as one step at a time (up to rounding), with one read of the attention caches
+    for several tokens. How many are guessed follows each sequence's current run of right guesses
+    and what a check costs (:data:`VERIFY_COST`); where the guesses keep failing, plain steps."""
     budgets = answer_budgets(model, prompts, max_new_tokens)
     if min(budgets) < MIN_ANSWER_TOKENS:
         raise ValueError(f"decode: a prompt leaves {min(budgets)} tokens for its answer (a grid needs {MIN_ANSWER_TOKENS})")
     # One autocast context for the prefill and all steps: autocast keeps its bf16 copies of the
     # weights until the outermost context exits, so they are cast once per batch, not once per token.
     with autocast_for(dtype, device):
+        if draft > 0 and temperature == 0 and hasattr(model, "extend"):
+            return _decode_speculative(model, prompts, budgets, device, draft)
         return _decode_loop(model, prompts, budgets, device, temperature, generator)
 
 
@@ -192,6 +212,123 @@ def _decode_loop(model: Any, prompts: Sequence[Encoded], budgets: list[int], dev
             rows, tok, pos = rows[keep], tok[keep], pos[keep]
         logits = model.step(tok, cache, pos)  # (b, V)
     return [(ids, lp / max(len(ids), 1)) for ids, lp in zip(generated, logprob_sum)]
+
+
+# What checking drafted tokens costs on the CPU it was measured on (docs/BENCHMARKS.md section 15), in
+# decoding steps of the same batch: one HybridLM.extend + commit of T tokens ~ VERIFY_COST[0] +
+# VERIFY_COST[1] * (T - 1) steps. The decoder checks drafts only when that is expected to pay.
+VERIFY_COST = (2.2, 0.17)
+
+
+def _verify_length(streak: torch.Tensor, draft: int, room: int) -> int:
+    """Tokens to feed next (1 = a plain step): the T that maximises the expected tokens written per
+    unit of cost, expecting each sequence to keep as many guesses as its current run of right ones
+    (``streak``, at most ``draft``)."""
+    rows = streak.numel()
+    expect = streak.clamp(max=draft)
+    best, best_t = float(rows), 1
+    for k in sorted({min(draft, 2 ** i) for i in range(8)} | {draft}):
+        if k < 1 or k > room:
+            continue
+        gain = (rows + int(expect.clamp(max=k).sum())) / (VERIFY_COST[0] + VERIFY_COST[1] * k)
+        if gain > best:
+            best, best_t = gain, k + 1
+    return best_t
+
+
+def _decode_speculative(model: Any, prompts: Sequence[Encoded], budgets: list[int], device: torch.device,
+                        draft: int) -> list[tuple[list[int], float]]:
+    """:func:`decode`'s greedy work with drafted tokens (``draft`` at most per verification)."""
+    n = len(prompts)
+    longest = max(len(p.ids) for p in prompts)
+    total = max(len(p.ids) + b for p, b in zip(prompts, budgets))
+    cache, logits = model.prefill([torch.as_tensor(p.ids, dtype=torch.long, device=device) for p in prompts],
+                                  total - longest,
+                                  [torch.as_tensor(p.pos, dtype=torch.long, device=device) for p in prompts])
+    rows = torch.arange(n, device=device)  # which prompt each cache row belongs to
+    ids = torch.full((n, total), PAD, dtype=torch.long, device=device)  # every id so far, for the guesses
+    for i, p in enumerate(prompts):
+        ids[i, :len(p.ids)] = torch.as_tensor(p.ids, dtype=torch.long, device=device)
+    streak = torch.zeros(n, dtype=torch.long, device=device)  # how many tokens in a row the guess was right
+    generated: list[list[int]] = [[] for _ in range(n)]
+    logprob_sum = [0.0] * n
+    layout = LayoutTracker([p.ids for p in prompts], budgets, device)
+    vocab = logits.size(-1)
+
+    def drop_finished(*tensors: torch.Tensor) -> list[torch.Tensor] | None:
+        """Drop finished sequences from the batch (and from ``tensors``, batch first); None when none is left."""
+        nonlocal rows, ids
+        if not bool(layout.done.any()):
+            return list(tensors)
+        keep = (~layout.done).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            return None
+        cache.select(keep)
+        layout.select(keep)
+        rows, ids = rows[keep], ids[keep]
+        return [t[keep] for t in tensors]
+
+    def record(tok: torch.Tensor, logits: torch.Tensor, which: torch.Tensor | None = None) -> None:
+        lp = torch.log_softmax(logits, dim=-1).gather(1, tok.unsqueeze(1)).squeeze(1)  # (b,)
+        chosen = range(len(tok)) if which is None else which.nonzero().squeeze(1).tolist()
+        row_list, tok_list, lp_list = rows.tolist(), tok.tolist(), lp.tolist()
+        for i in chosen:
+            generated[row_list[i]].append(tok_list[i])
+            logprob_sum[row_list[i]] += lp_list[i]
+
+    while True:
+        logits = logits.float()  # (b, V)
+        tok = logits.masked_fill(~layout.allowed(vocab), -math.inf).argmax(dim=-1)  # (b,)
+        streak = torch.where(layout.guess(ids) == tok, streak + 1, torch.zeros_like(streak))
+        record(tok, logits)
+        batch = torch.arange(len(tok), device=device)
+        ids[batch, layout.at] = tok
+        pos = layout.advance(tok)  # (b, N_POS)
+        left = drop_finished(tok, pos, streak)
+        if left is None:
+            break
+        tok, pos, streak = left
+        t = _verify_length(streak, draft, cache.capacity - int(cache.lengths.max()) - 1)
+        # guess up to t - 1 tokens after tok, walking a copy of the layout along the guesses
+        feed, feed_pos, masks, valid, states = [tok], [pos], [], [], [layout.state()]
+        trial = copy.copy(layout)
+        alive = torch.ones_like(tok, dtype=torch.bool)
+        batch = torch.arange(len(tok), device=device)
+        for _ in range(t - 1):
+            guess = trial.guess(ids)  # (b,)
+            allowed = trial.allowed(vocab)  # (b, V)
+            alive = alive & (guess >= 0) & allowed.gather(1, guess.clamp(min=0)[:, None])[:, 0]
+            if not bool(alive.any()):
+                break
+            guess = torch.where(alive, guess, torch.full_like(guess, EOO))  # any id where the guesses stopped
+            ids[batch, trial.at.clamp(max=ids.shape[1] - 1)] = guess
+            masks.append(allowed)
+            valid.append(alive)
+            feed.append(guess)
+            feed_pos.append(trial.advance(guess))
+            states.append(trial.state())
+        if len(feed) == 1:
+            logits = model.step(tok, cache, pos)  # (b, V)
+            continue
+        out, pending = model.extend(torch.stack(feed, 1), cache, torch.stack(feed_pos, 1))  # (b, T, V)
+        out = out.float()
+        kept = torch.zeros_like(tok)  # guesses kept per sequence
+        alive = torch.ones_like(tok, dtype=torch.bool)
+        for j in range(1, len(feed)):
+            pick = out[:, j - 1].masked_fill(~masks[j - 1], -math.inf).argmax(dim=-1)
+            alive = alive & valid[j - 1] & (pick == feed[j])
+            if not bool(alive.any()):
+                break
+            record(feed[j], out[:, j - 1], alive)
+            kept = kept + alive.long()
+        model.commit(cache, pending, kept)
+        layout.take(states, kept)
+        streak = streak + kept
+        left = drop_finished(out[batch, kept], streak)  # a kept EOO ends a grid
+        if left is None:
+            break
+        logits, streak = left  # (b, V) after each sequence's last kept token
+    return [(g, lp / max(len(g), 1)) for g, lp in zip(generated, logprob_sum)]
 
 
 @torch.no_grad()
@@ -316,7 +453,7 @@ def _decode_jobs(model: Any, runnable: list[_Job], cfg: SolveConfig, device: tor
                 job.fed = record["tokens"]
         else:
             for job, res in zip(chunk, decode(model, prompts, device, temperature=cfg.temperature,
-                                             generator=generator, dtype=cfg.dtype)):
+                                             generator=generator, dtype=cfg.dtype, draft=cfg.draft)):
                 job.results = [(*res, 1)]
                 job.fed = len(res[0])
 

@@ -398,6 +398,42 @@ class LayoutTracker:
         self.left = self.left - 1
         return pos
 
+    _MOVING = ("at", "left", "width", "col", "rows", "done")  # what advance changes
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The fields :meth:`advance` changes (it replaces them, never writes into them, so a state
+        taken here stays valid)."""
+        return {name: getattr(self, name) for name in self._MOVING}
+
+    def take(self, states: Sequence[dict[str, torch.Tensor]], which: torch.Tensor) -> None:
+        """Sequence i moves to ``states[which[i]]`` (states of this batch from :meth:`state`): after a
+        speculative decoder's verification, each sequence keeps its own number of drafted tokens."""
+        for name in self._MOVING:
+            stacked = torch.stack([st[name] for st in states])  # (S, n)
+            setattr(self, name, stacked.gather(0, which[None, :])[0])
+
+    def guess(self, ids: torch.Tensor) -> torch.Tensor:
+        """A draft of each sequence's next token for speculative decoding (n,), -1 where there is none.
+        ``ids`` (n, >= at) holds every id of each sequence so far (prompt and output).
+
+        ARC outputs often repeat their input cell for cell, or the row above: the guess is the input
+        grid's token under the cursor (cell, ROW at the input's width, EOO after its last row), a ROW
+        where the output's width says so, else the token one output row up. A guess is only ever
+        checked against the model, so a wrong one costs time, never a different answer."""
+        r, c = self.rows, self.col
+        limit = ids.shape[1] - 1
+        in_rows = r < self.in_h
+        cell = ids.gather(1, (self.in_start + 1 + r * (self.in_w + 1) + c).clamp(max=limit)[:, None])[:, 0]
+        above = ids.gather(1, (self.at - self.width - 1).clamp(min=0, max=limit)[:, None])[:, 0]
+        none = torch.full_like(r, -1)
+        guess = torch.where(in_rows & (c < self.in_w), cell, none)
+        guess = torch.where(in_rows & (c == self.in_w), torch.full_like(r, ROW), guess)
+        guess = torch.where((r == self.in_h) & (c == 0), torch.full_like(r, EOO), guess)
+        known = self.width > 0
+        guess = torch.where((guess < 0) & known & (r > 0), above, guess)
+        guess = torch.where(known & (c == self.width), torch.full_like(r, ROW), guess)
+        return torch.where(self.done, none, guess)
+
     def select(self, index: torch.Tensor) -> None:
         """Keep only the sequences ``index`` (in that order)."""
         for name in ("at", "left", "in_start", "in_h", "in_w", "width", "col", "rows", "done"):

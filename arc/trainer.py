@@ -29,7 +29,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 
-from arc import checkpoint, data, files, kernels, sources
+from arc import alloc, checkpoint, data, files, kernels, sources
 from arc.config import help_field, to_dict
 from arc.dist import DistInfo, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from arc.loader import ArcDataLoader, Batch
@@ -452,6 +452,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
     if cfg.block_size > model_cfg.max_seq_len:
         raise ValueError(f"--block_size {cfg.block_size} is longer than the model's --max_seq_len {model_cfg.max_seq_len}")
     torch.manual_seed(cfg.seed)
+    allocator = alloc.tune()  # before the first large tensor (arc/alloc.py)
     bundle = build_data(cfg, info)
     if bundle.vocab_size is not None and bundle.vocab_size != model_cfg.vocab_size:
         model_cfg = replace(model_cfg, vocab_size=bundle.vocab_size)
@@ -496,7 +497,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
             "train": to_dict(cfg), "model": model_cfg.to_dict(), "params": raw_model.num_params(),
             "world_size": info.world_size, "skipped_bad": bundle.skipped}, indent=2))
         print(f"run {run_dir}: {raw_model.num_params() / 1e6:.2f}M parameters on {device} x{info.world_size}, "
-              f"steps {start_step}->{cfg.steps}; {kernels.describe()}", file=sys.stderr)
+              f"steps {start_step}->{cfg.steps}; {kernels.describe()}; {allocator}", file=sys.stderr)
     validated_at_start = bool(all_reduce_sum(float(validated_at_start), info))  # every rank validates, or none
     log_file = open(run_dir / "log.jsonl", "a") if info.is_main else None
     bar = None

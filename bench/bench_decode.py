@@ -3,7 +3,7 @@ time of solving ARC-AGI-1 evaluation tasks with 8 views.
 
     python bench/bench_decode.py cache [--prompts 512,2048,3072] [--new 32] [--md docs/BENCHMARKS.md]
     python bench/bench_decode.py solve --ckpt runs/cpu [--limit 20] [--views 8] [--dtypes float32,bfloat16]
-                                       [--groups 1,8] [--batches 16,64] [--md ...]
+                                       [--groups 1,8] [--batches 16,64] [--drafts 0,16] [--md ...]
 
 cache  greedy constrained decoding of --new tokens after a prompt of each length, with the model's
        cache (prefill once, one step per token; arc.solve.decode) and without it (the whole
@@ -12,8 +12,9 @@ cache  greedy constrained decoding of --new tokens after a prompt of each length
        produce the same tokens, which is checked). Timings include the prefill.
 solve  eval.py's solver on the first --limit ARC-AGI-1 evaluation tasks with --views views: seconds
        per task, extrapolated to all 400 tasks (stated as such). The arms are every combination of
-       --dtypes (decoding's autocast dtype), --groups (tasks whose prompts share decoding batches)
-       and --batches (prompts a batch); every chunk of tasks is solved by each arm in turn, in the
+       --dtypes (decoding's autocast dtype), --groups (tasks whose prompts share decoding batches),
+       --batches (prompts a batch) and --drafts (tokens guessed and checked at once, speculative
+       decoding; 0 = one token a step); every chunk of tasks is solved by each arm in turn, in the
        same process after one untimed warm-up task per arm, so a shared machine's load falls on all
        of them alike; each arm's speed-up and how many attempt grids equal the first arm's follow.
 """
@@ -77,13 +78,15 @@ def cmd_solve(args) -> str:
     model, ckpt = load_model(args.ckpt, device)
     tasks = load_tasks("arc1", "eval")[: args.limit]
     head = header(f"python bench/bench_decode.py solve --ckpt {args.ckpt} --limit {args.limit} --views {args.views} "
-                  f"--dtypes {args.dtypes} --groups {args.groups} --batches {args.batches}")  # its load average: the start's
+                  f"--dtypes {args.dtypes} --groups {args.groups} --batches {args.batches} --drafts {args.drafts}")  # its load average: the start's
     arms = {}  # name -> SolveConfig, the Cartesian product of the lists, the first is the base
     for d in [x.strip() for x in args.dtypes.split(",") if x.strip()]:
         for g in [int(x) for x in args.groups.split(",") if x.strip()]:
             for b in [int(x) for x in args.batches.split(",") if x.strip()]:
-                name = d if resolve_dtype(d, device) == d else f"{d} ({resolve_dtype(d, device)})"
-                arms[f"{name}, group {g}, batch {b}"] = SolveConfig(views=args.views, dtype=d, group=g, batch=b)  # validates
+                for k in [int(x) for x in args.drafts.split(",") if x.strip()]:
+                    name = d if resolve_dtype(d, device) == d else f"{d} ({resolve_dtype(d, device)})"
+                    arms[f"{name}, group {g}, batch {b}, draft {k}"] = SolveConfig(views=args.views, dtype=d, group=g,
+                                                                                  batch=b, draft=k)  # validates
     for cfg in arms.values():  # first calls pay for thread pools, allocations and the bf16 probe
         solve_tasks(model, tasks[:1], cfg, device=device, progress=False)
     seconds = {a: 0.0 for a in arms}
@@ -103,7 +106,7 @@ def cmd_solve(args) -> str:
     lines = [head,
              f"Checkpoint `{ckpt['path']}` ({model.num_params() / 1e6:.2f}M parameters) on {device}; "
              f"{len(tasks)} tasks, {args.views} views, every arm timed on the same tasks in turn ({chunk} at a time).", "",
-             f"| arm (dtype, tasks decoded together, prompts a batch) | wall time | s/task | generated tokens/s | speed-up vs "
+             f"| arm (dtype, tasks decoded together, prompts a batch, tokens guessed at once) | wall time | s/task | generated tokens/s | speed-up vs "
              f"the first | attempts identical to the first's | tasks solved | all 400 tasks (extrapolated) |",
              "|---|---|---|---|---|---|---|---|"]
     for a in arms:
@@ -138,6 +141,8 @@ def main() -> None:
     s.add_argument("--groups", default=str(SolveConfig.group), help="tasks decoded together (SolveConfig.group), "
                    "comma-separated; the tasks are handed to every arm in chunks of the largest, so use divisors of it")
     s.add_argument("--batches", default=str(SolveConfig.batch), help="prompts a decoding batch (SolveConfig.batch), comma-separated")
+    s.add_argument("--drafts", default=str(SolveConfig.draft), help="tokens guessed and checked at once (SolveConfig.draft; "
+                   "0 = one token a step), comma-separated")
     for x in (c, s):
         x.add_argument("--md", default=None, help="append the markdown result to this file")
     args = p.parse_args()

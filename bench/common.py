@@ -10,6 +10,9 @@ import subprocess
 import torch
 
 from peak import Peak, measure_peak, mfu
+from arc import alloc
+
+alloc.tune()  # every benchmark runs with the allocator setting train.py and eval.py use (arc/alloc.py)
 
 
 def load_note() -> str:

@@ -45,9 +45,23 @@ def scan_inputs(b, l, h, p, g, n, seed=0, initial=True):
 
 
 # (b, l, h, p, g, n): p % 4 != 0 takes the row-by-row tail; n 16/64 are specialised, 5/24 are not;
-# l 1 (a decoding step), 15/16/17 around the backward's block of 16, 130 many blocks
+# l 1 (a decoding step), 15/16/17 around the backward's block of 16 (and the forward's switch to the
+# transposed state at 16), 130 many blocks; p 64 is the transposed forward's specialised head size
 SCAN_CASES = [(2, 37, 4, 8, 2, 5), (1, 130, 8, 16, 1, 16), (2, 17, 2, 6, 1, 64), (1, 16, 4, 5, 4, 24),
-              (3, 15, 2, 4, 2, 16), (2, 1, 2, 8, 1, 16)]
+              (3, 15, 2, 4, 2, 16), (2, 1, 2, 8, 1, 16), (1, 40, 2, 64, 1, 64)]
+
+
+@pytest.mark.parametrize("case", SCAN_CASES)
+def test_the_transposed_forward_equals_its_row_layout_twin(case):
+    """Sequences of 16 tokens or more run with each head's state transposed (no horizontal sums);
+    the (p, n) layout throughout (forward_rows) is its twin: the same outputs and final state."""
+    x, dt, A, B, C, s0 = [t.detach() if t is not None else None for t in scan_inputs(*case)]
+    s0 = torch.zeros(case[0], case[2], case[3], case[5], dtype=torch.float64) if s0 is None else s0
+    mod = cpu_scan.module()
+    y1, st1 = mod.forward(x, dt, A, B, C, s0)
+    y2, st2 = mod.forward_rows(x, dt, A, B, C, s0)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=TOL64)
+    torch.testing.assert_close(st1, st2, rtol=0, atol=TOL64)
 
 
 @pytest.mark.parametrize("case", SCAN_CASES)

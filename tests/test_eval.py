@@ -306,6 +306,24 @@ def test_a_journal_from_before_group_continues_as_one_task_at_a_time(small, tmp_
     assert solved == ["task03", "task04"]
 
 
+def test_a_journal_from_before_draft_continues_with_one_token_a_step(small, tmp_path, monkeypatch, capsys):
+    """Journals written before --draft lack it in their key: they decoded one token a step, so the
+    same settings with --draft 0 continue them, and the default (--draft 16) is another evaluation."""
+    ckpt, tasks = small
+    out = tmp_path / "o"
+    assert eval_cli.main(eval_args(ckpt, tasks, out, "--draft", "0")) == 0
+    lines = (out / JOURNAL).read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["key"]["solve"]["draft"]
+    (out / JOURNAL).write_text("\n".join([json.dumps(header)] + lines[1:4]) + "\n")  # 3 of 5 tasks done
+    assert eval_cli.main(eval_args(ckpt, tasks, out)) == 2
+    assert "solve.draft: 16 here, 0 in the journal" in capsys.readouterr().err
+    real, solved = evaluate.solve_tasks, []
+    monkeypatch.setattr(evaluate, "solve_tasks", lambda model, batch, *a, **k: solved.extend(t.id for t in batch) or real(model, batch, *a, **k))
+    assert eval_cli.main(eval_args(ckpt, tasks, out, "--draft", "0")) == 0
+    assert solved == ["task03", "task04"]
+
+
 def rounded(obj, digits: int = 6):
     """A JSON value with every float rounded (sums over other batch compositions differ in the last bits)."""
     if isinstance(obj, dict):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from arc import kernels
-from arc.mamba2 import Mamba2, init_A_log, init_dt_bias
+from arc.mamba2 import Mamba2, MambaState, init_A_log, init_dt_bias
 
 SNAPSHOT = Path(__file__).parent / "data" / "mamba_ssm_mamba2_snapshot.json"
 # Tolerance for float64 comparisons of the chunked form against the sequential recurrence: the two
@@ -178,6 +178,32 @@ def test_mamba2_layer_prefill_then_steps_equal_full_forward():
         pre, state = m(u[:, :2], return_state=True)  # shorter than d_conv - 1 + 1: conv state is zero padded
         outs = [pre] + [m.step(u[:, t], state)[:, None] for t in range(2, 21)]
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_mamba2_extend_equals_steps_and_commit_keeps_any_number_of_tokens():
+    """The speculative decoder's verification: T tokens at once give the outputs of T steps, and the
+    state committed after each sequence's own number of kept tokens is the state those steps left
+    (float64: exactly the recurrence; the state itself is left alone by extend)."""
+    torch.manual_seed(0)
+    m = Mamba2(32, d_state=8, headdim=16, ngroups=2, chunk_size=8).double().eval()
+    prompt, new = torch.randn(4, 9, 32, dtype=torch.float64), torch.randn(4, 6, 32, dtype=torch.float64)
+    with torch.no_grad():
+        _, start = m(prompt, return_state=True)
+        start = MambaState(start.conv.double(), start.ssm.double())
+        stepped, after = MambaState(start.conv.clone(), start.ssm.clone()), []
+        outs = []
+        for t in range(6):
+            outs.append(m.step(new[:, t], stepped))
+            after.append(MambaState(stepped.conv.clone(), stepped.ssm.clone()))
+        before = MambaState(start.conv.clone(), start.ssm.clone())
+        y, pending = m.extend(new, start)
+    assert torch.equal(start.ssm, before.ssm) and torch.equal(start.conv, before.conv)  # extend only reads it
+    torch.testing.assert_close(y, torch.stack(outs, dim=1), rtol=0, atol=TOL64)
+    last = torch.tensor([0, 5, 2, 3])
+    pending.commit(start, last)
+    for i, t in enumerate(last.tolist()):
+        torch.testing.assert_close(start.ssm[i], after[t].ssm[i], rtol=0, atol=TOL64)
+        torch.testing.assert_close(start.conv[i], after[t].conv[i], rtol=0, atol=0)
 
 
 # ---- names, shapes and init against mamba_ssm ---------------------------------------------------

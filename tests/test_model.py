@@ -394,6 +394,48 @@ def test_prefill_then_steps_equal_full_forward_with_2d_positions(options):
             torch.testing.assert_close(logits[i], ref[i][c + t], rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(grid_pos=True, align_input=True, rope="mirror")])
+def test_extend_then_commit_equals_steps_for_any_number_of_kept_tokens(options):
+    """Speculative decoding's verification: T tokens per sequence in one extend give the logits of T
+    steps; committing a different number of them per sequence leaves the cache as that many steps
+    would, so the next steps' logits are the full forward's."""
+    from arc.tokens import OUT
+    m = tiny(**options)
+    encs = _instances(4, seed=8)  # every answer at least 13 tokens
+    cuts = [int(max(i for i, t in enumerate(e.ids) if t == OUT)) + 1 for e in encs]
+    full = [(torch.as_tensor(e.ids), torch.as_tensor(e.pos)) for e in encs]
+    ref = [m(ids[None], pos=pos[None])[0][0] for ids, pos in full]  # (L, V) each
+    cache, _ = m.prefill([ids[:c] for (ids, _), c in zip(full, cuts)], 40, [pos[:c] for (_, pos), c in zip(full, cuts)])
+    new = min(len(e.ids) - c for e, c in zip(encs, cuts))
+    t = min(new - 2, 5)
+    assert t == 5
+    toks = torch.stack([ids[c:c + t] for (ids, _), c in zip(full, cuts)])  # (B, T)
+    pos = torch.stack([p[c:c + t] for (_, p), c in zip(full, cuts)])  # (B, T, N_POS)
+    logits, pending = m.extend(toks, cache, pos)
+    assert logits.shape == (4, t, VOCAB_SIZE) and logits.dtype == torch.float32
+    for i, c in enumerate(cuts):
+        torch.testing.assert_close(logits[i], ref[i][c:c + t], rtol=0, atol=2e-5)
+    kept = torch.tensor([0, t - 1, 1, 2])  # the last kept token's index, per sequence
+    m.commit(cache, pending, kept)
+    assert cache.lengths.tolist() == [c + k + 1 for c, k in zip(cuts, kept.tolist())]
+    for step in range(2):  # each sequence goes on from its own last kept token
+        at = [c + k + 1 + step for c, k in zip(cuts, kept.tolist())]
+        tok = torch.stack([ids[a] for (ids, _), a in zip(full, at)])
+        p = torch.stack([q[a] for (_, q), a in zip(full, at)])
+        out = m.step(tok, cache, p)
+        for i, a in enumerate(at):
+            torch.testing.assert_close(out[i], ref[i][a], rtol=0, atol=2e-5)
+
+
+def test_extend_refuses_more_tokens_than_the_cache_holds():
+    m = tiny()
+    cache, _ = m.prefill([torch.zeros(4, dtype=torch.long)], 3)
+    with pytest.raises(ValueError, match="do not fit"):
+        m.extend(torch.zeros(1, 4, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="tokens must have shape"):
+        m.extend(torch.zeros(2, 1, dtype=torch.long), cache)
+
+
 def test_2d_positions_change_the_logits_and_are_required_when_configured():
     enc = _instances(1, seed=2)[0]
     ids, pos = torch.as_tensor(enc.ids)[None], torch.as_tensor(enc.pos)[None]

@@ -266,6 +266,120 @@ def test_sampling_and_test_time_training_solve_one_task_at_a_time():
     assert together["t2"] == last_alone["t2"]
 
 
+def test_layout_guesses_the_input_cell_under_the_cursor_then_the_row_above():
+    """The speculative decoder's drafts: an input cell, ROW at the input's (or the output's) width,
+    EOO after the input's last row; past the input's rows the token one output row up; none once done."""
+    from arc.tokens import LayoutTracker
+
+    demo = (np.array([[1, 2]]), np.array([[3, 4]]))
+    inp = np.array([[5, 6, 7], [8, 9, 0]])
+    prompt = encode_prompt([demo], inp).ids
+    ids = torch.full((1, len(prompt) + 40), PAD)
+    ids[0, :len(prompt)] = torch.as_tensor(prompt)
+    layout = LayoutTracker([prompt], [40])
+
+    def write(tokens):
+        guesses = []
+        for t in tokens:
+            guesses.append(int(layout.guess(ids)[0]))
+            ids[0, layout.at] = t
+            layout.advance(torch.tensor([t]))
+        return guesses
+
+    # a copy of the input: every guess right, ending with EOO
+    assert write([5, 6, 7, ROW, 8, 9, 0, ROW]) == [5, 6, 7, ROW, 8, 9, 0, ROW]
+    assert int(layout.guess(ids)[0]) == EOO
+    # a taller output: past the input's rows the guess is the row above
+    assert write([1]) == [EOO]
+    assert write([2, 3, ROW, 4]) == [9, 0, ROW, 1]  # row 2 under row 1 (8 9 0), row 3 under row 2 (1 2 3)
+    assert write([2, 3, ROW, EOO]) == [2, 3, ROW, 4]
+    assert int(layout.guess(ids)[0]) == -1  # done
+    # a narrower output: ROW where the first row ended
+    layout = LayoutTracker([prompt], [40])
+    assert write([5, ROW, 8]) == [5, 6, 8]
+    assert int(layout.guess(ids)[0]) == ROW
+
+
+def _greedy_truth(model, prompts):
+    """Each prompt's greedy answer from one-token steps, keyed by the prompt's ids."""
+    return {p.ids.tobytes(): ids for p, (ids, _) in zip(prompts, decode(model, prompts, CPU, dtype="float32"))}
+
+
+@pytest.mark.parametrize("guesser", ["layout", "oracle", "every_third_wrong"])
+def test_speculative_decoding_writes_the_greedy_grids(guesser, monkeypatch):
+    """--draft: guesses checked in one extend give exactly the tokens (and log-probabilities, to
+    rounding) of one step at a time, whether the guesses are the layout's own, always right (every
+    draft kept: far fewer model calls than tokens) or wrong every third token (partial keeps)."""
+    from arc.model import GRID_2D, HybridLM, preset
+    from arc.tokens import LayoutTracker
+
+    torch.manual_seed(0)
+    model = HybridLM(preset("tiny", max_seq_len=1024, **GRID_2D)).eval()
+    tasks = [make_task(s) for s in range(6)]
+    prompts = [encode_prompt(t.demos, t.test[0].input, block_size=1024) for t in tasks]
+    prompts += [encode_prompt(v.apply_task(tasks[0]).demos, v.apply_task(tasks[0]).test[0].input, block_size=1024)
+                for v in augment.views(8)[1:4]]
+    reference = decode(model, prompts, CPU, dtype="float32")
+    truth = _greedy_truth(model, prompts)
+    if guesser != "layout":
+        def guess(self, ids):
+            out = []
+            for i in range(ids.shape[0]):
+                length = int(self.in_start[i] + self.in_h[i] * (self.in_w[i] + 1) + 2)  # the prompt ends at OUT
+                answer = truth[ids[i, :length].numpy().tobytes()]
+                k = int(self.at[i]) - length
+                right = answer[k] if k < len(answer) and not bool(self.done[i]) else -1
+                wrong = guesser == "every_third_wrong" and k % 3 == 2 and right >= 0
+                out.append((right + 1) % 10 if wrong and right < 10 else right)
+            return torch.tensor(out)
+        monkeypatch.setattr(LayoutTracker, "guess", guess)
+    calls = {"step": 0, "extend": 0}
+    for name in calls:
+        real = getattr(model, name)
+        monkeypatch.setattr(model, name, lambda *a, _real=real, _name=name, **k: calls.__setitem__(_name, calls[_name] + 1) or _real(*a, **k))
+    for draft in (1, 4, 16):
+        got = decode(model, prompts, CPU, dtype="float32", draft=draft)
+        assert [ids for ids, _ in got] == [ids for ids, _ in reference]
+        np.testing.assert_allclose([lp for _, lp in got], [lp for _, lp in reference], rtol=0, atol=1e-5)
+    tokens = sum(len(ids) for ids, _ in reference)
+    if guesser == "oracle":
+        assert calls["extend"] > 0 and calls["step"] + calls["extend"] < 3 * max(len(ids) for ids, _ in reference)
+    assert calls["extend"] > 0 or guesser == "layout"
+    assert tokens > 50
+
+
+def test_drafts_are_checked_only_where_the_guesses_have_been_right():
+    """The verification length: a plain step (1) while no sequence's guesses are on a run of right
+    ones; up to draft + 1 when all are on long runs; never more tokens than the cache has room for."""
+    from arc.solve import _verify_length
+
+    assert _verify_length(torch.zeros(8, dtype=torch.long), 16, 100) == 1
+    assert _verify_length(torch.full((8,), 40), 16, 100) == 17
+    assert _verify_length(torch.full((8,), 40), 16, 5) <= 6
+    assert _verify_length(torch.full((8,), 40), 0, 100) == 1
+    mixed = torch.tensor([0, 0, 0, 0, 0, 0, 0, 40])  # one sequence in 8 on a run does not pay for the rest
+    assert _verify_length(mixed, 16, 100) == 1
+
+
+def test_speculative_decoding_is_greedy_only_and_the_solver_passes_draft():
+    """Sampling ignores --draft (a guess is checked against the argmax); the solver's grids do not
+    depend on it; a negative draft is refused."""
+    from arc.model import GRID_2D, HybridLM, preset
+
+    torch.manual_seed(0)
+    model = HybridLM(preset("tiny", max_seq_len=1024, **GRID_2D)).eval()
+    tasks = [Task(f"t{s}", make_task(s).train, make_task(s).test) for s in range(3)]
+    prompts = [encode_prompt(t.demos, t.test[0].input, block_size=1024) for t in tasks]
+    sampled = [decode(model, prompts, CPU, temperature=1.0, generator=torch.Generator().manual_seed(2), draft=d)
+               for d in (0, 8)]
+    assert sampled[0] == sampled[1]
+    runs = [submission_of(solve_tasks(model, tasks, SolveConfig(views=4, draft=d, dtype="float32"), device=CPU,
+                                      progress=False)) for d in (0, 16)]
+    assert runs[0] == runs[1]
+    with pytest.raises(ValueError, match="--draft must be >= 0"):
+        SolveConfig(draft=-1)
+
+
 def test_a_group_needs_at_least_one_task():
     with pytest.raises(ValueError, match="--group must be >= 1"):
         SolveConfig(group=0)

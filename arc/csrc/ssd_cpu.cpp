@@ -29,6 +29,7 @@
 namespace {
 
 constexpr int64_t kBlock = 16;
+constexpr int64_t kTransposeFrom = 16;  // sequences at least this long run forward_t_impl
 
 // The logistic function without an overflow: exp of a non-positive number only. (1 / (1 + exp(-v))
 // overflows to inf below v = -88 in float32, and under -ffast-math, which assumes finite values, the
@@ -137,6 +138,67 @@ void forward_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A
         step<T, true, N>(s, X + (tok * d.h + hi) * d.p, dtv, std::exp(dtv * a), BB + (tok * d.g + gi) * d.n,
                 CC + (tok * d.g + gi) * d.n, Y + (tok * d.h + hi) * d.p, d.p, d.n);
       }
+    }
+  });
+}
+
+// The forward over a sequence with each head's state held transposed, (n, p), in a per-thread
+// buffer: a token updates the n state columns one after another, each a vector over p, and the
+// output accumulates over them in p lanes, so no horizontal sum is needed (the (p, n) layout of
+// forward_impl needs one per row and token). Two transposes per (batch row, head) and sequence.
+// P is the head dimension when known at compile time (else 0), so the output stays in registers.
+template <typename T, int N, int P>
+void forward_t_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                    const at::Tensor& C, at::Tensor& state, at::Tensor& y) {
+  const Dims d = dims_of(x, B);
+  const int64_t r = d.h / d.g;
+  const int64_t n = N > 0 ? N : d.n, p = P > 0 ? P : d.p;
+  const T* X = x.data_ptr<T>();
+  const T* DT = dt.data_ptr<T>();
+  const T* AA = A.data_ptr<T>();
+  const T* BB = B.data_ptr<T>();
+  const T* CC = C.data_ptr<T>();
+  T* S = state.data_ptr<T>();
+  T* Y = y.data_ptr<T>();
+  at::parallel_for(0, d.b * d.h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> st(n * p), xd_v(p), acc_v(p);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t bi = bh / d.h, hi = bh % d.h, gi = hi / r;
+      T* s = S + bh * p * n;
+      for (int64_t i = 0; i < p; ++i)
+        for (int64_t k = 0; k < n; ++k) st[k * p + i] = s[i * n + k];
+      const T a = AA[hi];
+      for (int64_t t = 0; t < d.l; ++t) {
+        const int64_t tok = bi * d.l + t;
+        const T dtv = DT[tok * d.h + hi];
+        const T e = std::exp(dtv * a);
+        const T* __restrict__ xv = X + (tok * d.h + hi) * p;
+        const T* __restrict__ Bv = BB + (tok * d.g + gi) * n;
+        const T* __restrict__ Cv = CC + (tok * d.g + gi) * n;
+        T* __restrict__ yv = Y + (tok * d.h + hi) * p;
+        T xd_a[P > 0 ? P : 1], acc_a[P > 0 ? P : 1];
+        T* __restrict__ xd = P > 0 ? xd_a : xd_v.data();
+        T* __restrict__ acc = P > 0 ? acc_a : acc_v.data();
+#pragma omp simd
+        for (int64_t i = 0; i < p; ++i) {
+          xd[i] = xv[i] * dtv;
+          acc[i] = T(0);
+        }
+        for (int64_t k = 0; k < n; ++k) {
+          T* __restrict__ col = st.data() + k * p;
+          const T bk = Bv[k], ck = Cv[k];
+#pragma omp simd
+          for (int64_t i = 0; i < p; ++i) {
+            const T v = col[i] * e + bk * xd[i];
+            col[i] = v;
+            acc[i] += ck * v;
+          }
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < p; ++i) yv[i] = acc[i];
+      }
+      for (int64_t i = 0; i < p; ++i)
+        for (int64_t k = 0; k < n; ++k) s[i * n + k] = st[k * p + i];
     }
   });
 }
@@ -284,16 +346,33 @@ void backward_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& 
   });
 }
 
-// Returns (y, final state); `state` is not modified (a copy is advanced).
-std::vector<at::Tensor> ssd_forward(at::Tensor x, at::Tensor dt, at::Tensor A, at::Tensor B, at::Tensor C,
-                                    at::Tensor state) {
+// Returns (y, final state); `state` is not modified (a copy is advanced). Sequences of at least
+// kTransposeFrom tokens run with the state transposed (forward_t_impl) unless `rows` asks for the
+// (p, n) layout throughout (the twin the parity tests and the benchmark compare against).
+std::vector<at::Tensor> ssd_forward_layout(at::Tensor x, at::Tensor dt, at::Tensor A, at::Tensor B, at::Tensor C,
+                                           at::Tensor state, bool rows) {
   check(x, dt, A, B, C, state);
   at::Tensor s = state.clone();
   at::Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_forward", [&] {
-    with_state_size(B.size(3), [&](auto n) { forward_impl<scalar_t, decltype(n)::value>(x, dt, A, B, C, s, y); });
+    with_state_size(B.size(3), [&](auto n) {
+      constexpr int N = decltype(n)::value;
+      if (rows || x.size(1) < kTransposeFrom) forward_impl<scalar_t, N>(x, dt, A, B, C, s, y);
+      else if (x.size(3) == 64) forward_t_impl<scalar_t, N, 64>(x, dt, A, B, C, s, y);
+      else forward_t_impl<scalar_t, N, 0>(x, dt, A, B, C, s, y);
+    });
   });
   return {y, s};
+}
+
+std::vector<at::Tensor> ssd_forward(at::Tensor x, at::Tensor dt, at::Tensor A, at::Tensor B, at::Tensor C,
+                                    at::Tensor state) {
+  return ssd_forward_layout(x, dt, A, B, C, state, false);
+}
+
+std::vector<at::Tensor> ssd_forward_rows(at::Tensor x, at::Tensor dt, at::Tensor A, at::Tensor B, at::Tensor C,
+                                         at::Tensor state) {
+  return ssd_forward_layout(x, dt, A, B, C, state, true);
 }
 
 // One decoding step for a batch, in place: x (b, h, p), dt (b, h), B/C (b, g, n), state (b, h, p, n).
@@ -335,27 +414,31 @@ std::vector<at::Tensor> ssd_backward(at::Tensor x, at::Tensor dt, at::Tensor A, 
 // need no reduction across threads.
 constexpr int64_t kChannels = 64;
 
+// The forward splits rows (batch row, token) over threads instead: each row is one vector loop over
+// all d channels per tap, reading the w rows before it, which stream through the cache in order.
 template <typename T>
 void conv_forward_impl(const T* X, const T* W, const T* Bias, T* Y, int64_t b, int64_t l, int64_t d, int64_t w) {
-  at::parallel_for(0, (d + kChannels - 1) / kChannels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t c0 = blk * kChannels, c1 = std::min(d, c0 + kChannels);
-      for (int64_t bi = 0; bi < b; ++bi) {
-        for (int64_t t = 0; t < l; ++t) {
-          T* yr = Y + (bi * l + t) * d;
+  at::parallel_for(0, b * l, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t t = row % l;
+      T* __restrict__ yr = Y + row * d;
+      if (Bias) {
 #pragma omp simd
-          for (int64_t c = c0; c < c1; ++c) yr[c] = Bias ? Bias[c] : T(0);
-          for (int64_t k = 0; k < w; ++k) {
-            const int64_t src = t - (w - 1) + k;
-            if (src < 0) continue;
-            const T* xr = X + (bi * l + src) * d;
+        for (int64_t c = 0; c < d; ++c) yr[c] = Bias[c];
+      } else {
 #pragma omp simd
-            for (int64_t c = c0; c < c1; ++c) yr[c] += W[k * d + c] * xr[c];
-          }
-#pragma omp simd
-          for (int64_t c = c0; c < c1; ++c) yr[c] = yr[c] * sigmoid(yr[c]);
-        }
+        for (int64_t c = 0; c < d; ++c) yr[c] = T(0);
       }
+      for (int64_t k = 0; k < w; ++k) {
+        const int64_t back = w - 1 - k;
+        if (t < back) continue;
+        const T* __restrict__ xr = X + (row - back) * d;
+        const T* __restrict__ wk = W + k * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) yr[c] += wk[c] * xr[c];
+      }
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) yr[c] = yr[c] * sigmoid(yr[c]);
     }
   });
 }
@@ -618,6 +701,7 @@ at::Tensor mixer_step_(at::Tensor zxbcdt, at::Tensor conv_state, at::Tensor conv
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &ssd_forward, "Mamba2 scan forward (recurrence): (y, final state)");
+  m.def("forward_rows", &ssd_forward_rows, "forward with the state in its (p, n) layout throughout (the twin)");
   m.def("step_", &ssd_step_, "one decoding step, state updated in place");
   m.def("backward", &ssd_backward, "Mamba2 scan backward: (dx, ddt, dA, dB, dC, dstate0)");
   m.def("conv_forward", &conv_forward, "silu(causal depthwise conv + bias)");
