@@ -174,9 +174,8 @@ class Mamba2(nn.Module):
             wide = torch.promote_types(u.dtype, torch.float32)
             w1 = self.d_conv - 1
             window = torch.cat([state.conv.transpose(1, 2).to(wide), xBC.to(wide)], dim=1)  # (B, w1 + T, conv_dim)
-            taps = self.conv1d.weight[:, 0, :].to(wide)  # (conv_dim, d_conv) tap k multiplies the input w1-k steps back
-            conv = self.conv1d.bias.to(wide) + sum(window[:, k:k + t] * taps[:, k] for k in range(self.d_conv))
-            x, B, C = torch.split(F.silu(conv), [self.d_inner, g * n, g * n], dim=-1)
+            conv = kernels.causal_conv1d_ref(window, self.conv1d.weight.to(wide), self.conv1d.bias.to(wide))[:, w1:]
+            x, B, C = torch.split(conv, [self.d_inner, g * n, g * n], dim=-1)  # the T tokens' conv outputs
             x = x.reshape(b, t, h, p)
             B = B.reshape(b, t, g, n).repeat_interleave(h // g, dim=2)  # (B, T, h, n)
             C = C.reshape(b, t, g, n).repeat_interleave(h // g, dim=2)

@@ -289,6 +289,9 @@ def _decode_speculative(model: Any, prompts: Sequence[Encoded], budgets: list[in
             break
         tok, pos, streak = left
         t = _verify_length(streak, draft, cache.capacity - int(cache.lengths.max()) - 1)
+        if t == 1:
+            logits = model.step(tok, cache, pos)  # (b, V)
+            continue
         # guess up to t - 1 tokens after tok, walking a copy of the layout along the guesses
         feed, feed_pos, masks, valid, states = [tok], [pos], [], [], [layout.state()]
         trial = copy.copy(layout)
@@ -307,7 +310,7 @@ def _decode_speculative(model: Any, prompts: Sequence[Encoded], budgets: list[in
             feed.append(guess)
             feed_pos.append(trial.advance(guess))
             states.append(trial.state())
-        if len(feed) == 1:
+        if len(feed) == 1:  # no sequence had a guess the grammar allows
             logits = model.step(tok, cache, pos)  # (b, V)
             continue
         out, pending = model.extend(torch.stack(feed, 1), cache, torch.stack(feed_pos, 1))  # (b, T, V)

@@ -290,37 +290,24 @@ def test_tasks_decoded_in_groups_give_the_same_results_and_each_is_journaled(tmp
     assert rounded(one) == rounded(three)  # mean log-probabilities move in the 9th digit with the batch's rows
 
 
-def test_a_journal_from_before_group_continues_as_one_task_at_a_time(small, tmp_path, monkeypatch):
-    """Journals written before --group existed lack it in their key: they solved one task at a time,
-    so the same settings with --group 1 continue them."""
+@pytest.mark.parametrize("field, old, default", [("group", "1", "4"), ("draft", "0", "16")])
+def test_a_journal_from_before_a_setting_continues_with_its_old_behaviour(small, tmp_path, monkeypatch, capsys,
+                                                                          field, old, default):
+    """Journals written before --group (one task at a time) or --draft (one token a step) lack the
+    field in their key: the same settings with its old value continue them; the new default is
+    another evaluation."""
     ckpt, tasks = small
     out = tmp_path / "o"
-    assert eval_cli.main(eval_args(ckpt, tasks, out, "--group", "1")) == 0
+    assert eval_cli.main(eval_args(ckpt, tasks, out, f"--{field}", old)) == 0
     lines = (out / JOURNAL).read_text().splitlines()
     header = json.loads(lines[0])
-    del header["key"]["solve"]["group"]
-    (out / JOURNAL).write_text("\n".join([json.dumps(header)] + lines[1:4]) + "\n")  # 3 of 5 tasks done
-    real, solved = evaluate.solve_tasks, []
-    monkeypatch.setattr(evaluate, "solve_tasks", lambda model, batch, *a, **k: solved.extend(t.id for t in batch) or real(model, batch, *a, **k))
-    assert eval_cli.main(eval_args(ckpt, tasks, out, "--group", "1")) == 0
-    assert solved == ["task03", "task04"]
-
-
-def test_a_journal_from_before_draft_continues_with_one_token_a_step(small, tmp_path, monkeypatch, capsys):
-    """Journals written before --draft lack it in their key: they decoded one token a step, so the
-    same settings with --draft 0 continue them, and the default (--draft 16) is another evaluation."""
-    ckpt, tasks = small
-    out = tmp_path / "o"
-    assert eval_cli.main(eval_args(ckpt, tasks, out, "--draft", "0")) == 0
-    lines = (out / JOURNAL).read_text().splitlines()
-    header = json.loads(lines[0])
-    del header["key"]["solve"]["draft"]
+    del header["key"]["solve"][field]
     (out / JOURNAL).write_text("\n".join([json.dumps(header)] + lines[1:4]) + "\n")  # 3 of 5 tasks done
     assert eval_cli.main(eval_args(ckpt, tasks, out)) == 2
-    assert "solve.draft: 16 here, 0 in the journal" in capsys.readouterr().err
+    assert f"solve.{field}: {default} here, {old} in the journal" in capsys.readouterr().err
     real, solved = evaluate.solve_tasks, []
     monkeypatch.setattr(evaluate, "solve_tasks", lambda model, batch, *a, **k: solved.extend(t.id for t in batch) or real(model, batch, *a, **k))
-    assert eval_cli.main(eval_args(ckpt, tasks, out, "--draft", "0")) == 0
+    assert eval_cli.main(eval_args(ckpt, tasks, out, f"--{field}", old)) == 0
     assert solved == ["task03", "task04"]
 
 
