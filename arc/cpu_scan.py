@@ -168,11 +168,8 @@ def mixer_step_(zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch
     conv_state (b, conv_dim, w-1) and ssm_state (b, h, p, n), both float32 (or float64) and
     contiguous, are updated in place; weights as in :class:`arc.mamba2.Mamba2` (conv_weight
     (conv_dim, 1, w)). Returns (b, d_inner) in the states' dtype."""
-    dtype = ssm_state.dtype
-    return module().mixer_step_(
-        zxbcdt.to(dtype).contiguous(), conv_state, conv_weight.squeeze(1).to(dtype).contiguous(),
-        None if conv_bias is None else conv_bias.to(dtype).contiguous(), ssm_state, A.to(dtype).contiguous(),
-        D.to(dtype).contiguous(), dt_bias.to(dtype).contiguous(), norm_weight.to(dtype).contiguous(), ngroups, eps)
+    return module().mixer_step_(*_mixer_args(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_bias,
+                                             norm_weight), ngroups, eps)
 
 
 def step_(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -229,6 +226,34 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
     args = (x.to(dtype).contiguous(), weight.squeeze(1).t().to(dtype).contiguous(),  # (w, d): taps-major
             None if bias is None else bias.to(dtype).contiguous())
     return module().conv_forward(*args) if outside_autograd(*args) else _conv_op(*args)
+
+
+def _mixer_args(zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, conv_weight: torch.Tensor,
+                conv_bias: torch.Tensor | None, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
+                norm_weight: torch.Tensor) -> tuple:
+    dtype = ssm_state.dtype
+    return (zxbcdt.to(dtype).contiguous(), conv_state, conv_weight.squeeze(1).to(dtype).contiguous(),
+            None if conv_bias is None else conv_bias.to(dtype).contiguous(), ssm_state, A.to(dtype).contiguous(),
+            D.to(dtype).contiguous(), dt_bias.to(dtype).contiguous(), norm_weight.to(dtype).contiguous())
+
+
+def mixer_extend(zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, conv_weight: torch.Tensor,
+                 conv_bias: torch.Tensor | None, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
+                 norm_weight: torch.Tensor, ngroups: int, eps: float) -> torch.Tensor:
+    """:func:`mixer_step_` for T tokens per sequence, zxbcdt (b, T, d_in_proj), one after another from
+    the states, which are left unchanged: returns (b, T, d_inner), token t's output exactly as the
+    t-th of T steps would give it."""
+    return module().mixer_extend(*_mixer_args(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_bias,
+                                              norm_weight), ngroups, eps)
+
+
+def mixer_commit_(zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, conv_weight: torch.Tensor,
+                  conv_bias: torch.Tensor | None, A: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
+                  norm_weight: torch.Tensor, ngroups: int, eps: float, counts: torch.Tensor) -> None:
+    """The states advanced in place past the first ``counts[i]`` (b,) of the T tokens of sequence i
+    (zxbcdt (b, T, d_in_proj)), as that many :func:`mixer_step_` calls would leave them."""
+    module().mixer_commit_(*_mixer_args(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_bias,
+                                        norm_weight), ngroups, eps, counts.to(torch.long).contiguous())
 
 
 @torch.library.custom_op("arc::gated_norm", mutates_args=())

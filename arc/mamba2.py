@@ -69,6 +69,22 @@ class MambaPending:
         state.conv.copy_(conv.transpose(1, 2))
 
 
+@dataclass
+class MambaPendingFused:
+    """:class:`MambaPending` of the C++ path (:func:`arc.cpu_scan.mixer_extend`): the T tokens' in_proj
+    outputs, run again through the fused steps for the tokens kept."""
+
+    zxbcdt: torch.Tensor  # (B, T, d_in_proj) in the states' dtype
+    mixer: Mamba2
+
+    def commit(self, state: MambaState, last: torch.Tensor) -> None:
+        """Move ``state`` past tokens 0..last[i] of sequence i, in place: exactly those steps."""
+        m = self.mixer
+        cpu_scan.mixer_commit_(self.zxbcdt, state.conv, state.ssm, m.conv1d.weight, m.conv1d.bias,
+                               -torch.exp(m.A_log.float()), m.D, m.dt_bias, m.norm.weight, m.ngroups, m.norm.eps,
+                               last + 1)
+
+
 def init_dt_bias(nheads: int, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """``mamba_ssm``'s dt init: dt log-uniform in [dt_min, dt_max], floored at dt_init_floor, stored as
@@ -162,14 +178,23 @@ class Mamba2(nn.Module):
         out = self.out_proj(y)  # (B, L, d_model)
         return out, (MambaState(conv_state, ssm_state.float()) if return_state else None)
 
-    def extend(self, u: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaPending]:
+    def extend(self, u: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaPending | MambaPendingFused]:
         """T tokens per sequence after ``state``, which is left as it is: u (B, T, d_model) ->
         (y (B, T, d_model), what :meth:`MambaPending.commit` needs to move the state past the first
         tokens of each sequence). The speculative decoder's verification pass: y[:, t] equals what
-        T calls of :meth:`step` would give (the scan written out for one short chunk, in float32 or wider)."""
+        T calls of :meth:`step` would give. Where the step is one C++ call (:func:`arc.kernels.fused_step_ok`)
+        the T steps run in one call on copies of the states, and committing runs the kept ones again
+        on the states; elsewhere the scan is written out for one short chunk (in float32 or wider)."""
         b, t, _ = u.shape
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
-        z, xBC, dt = self._split(self.in_proj(u))  # (B, T, d_inner), (B, T, conv_dim), (B, T, h)
+        zxbcdt = self.in_proj(u)  # (B, T, d_in_proj)
+        if kernels.fused_step_ok(zxbcdt, state.conv, state.ssm):  # CPU: T fused steps on copies of the states
+            dtype, zxbcdt = zxbcdt.dtype, zxbcdt.to(state.ssm.dtype).contiguous()
+            y = cpu_scan.mixer_extend(zxbcdt, state.conv, state.ssm, self.conv1d.weight, self.conv1d.bias,
+                                      -torch.exp(self.A_log.float()), self.D, self.dt_bias, self.norm.weight, g,
+                                      self.norm.eps)  # (B, T, d_inner) in the states' dtype
+            return self.out_proj(y.to(dtype)), MambaPendingFused(zxbcdt, self)  # as step: out_proj in in_proj's dtype
+        z, xBC, dt = self._split(zxbcdt)  # (B, T, d_inner), (B, T, conv_dim), (B, T, h)
         with torch.autocast(device_type=u.device.type, enabled=False):
             wide = torch.promote_types(u.dtype, torch.float32)
             w1 = self.d_conv - 1

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arc.config import help_field
-from arc.mamba2 import Mamba2, MambaPending, MambaState, init_A_log, init_dt_bias
+from arc.mamba2 import Mamba2, MambaPending, MambaPendingFused, MambaState, init_A_log, init_dt_bias
 from arc.loss import mean_loss
 from arc.tokens import (BLOCK_SIZE, N_KINDS, N_POS, POS_ALIGN, POS_COL, POS_KIND, POS_MCOL, POS_MROW, POS_ROW, POS_SIZE,
                         VOCAB_SIZE)
@@ -370,7 +370,7 @@ class Block(nn.Module):
         return x
 
     def extend(self, x: torch.Tensor, state: MambaState | KVCache, lengths: torch.Tensor,
-               pos: torch.Tensor | None = None, used: int | None = None) -> tuple[torch.Tensor, MambaPending | None]:
+               pos: torch.Tensor | None = None, used: int | None = None) -> tuple[torch.Tensor, MambaPending | MambaPendingFused | None]:
         """:meth:`step` for T tokens per sequence: x (B, T, C) float32 -> (B, T, C) float32 and, for a
         Mamba2 layer, what committing needs (its state is not changed; an attention layer writes its
         slots)."""
@@ -420,6 +420,20 @@ class InferenceCache:
 
 
 # ---- the model ----------------------------------------------------------------------------------
+# The prefill runs prompts of one length together, at most about this many tokens at a time (at
+# least one prompt). On a CPU the Mamba2 layers' elementwise work (casts, the conv, the gated norm)
+# is bound by memory traffic once a piece's activations outgrow the cache, and one piece of many
+# prompts was much slower per token than the same prompts a few at a time (docs/BENCHMARKS.md
+# section 16). Each prompt's result is the same in a piece of any size, up to the rounding of the
+# matrix multiplies (tests/test_model.py). On a GPU each length stays one piece, as before the split.
+PREFILL_TOKENS = 2048
+
+
+def piece_tokens(device: torch.device) -> int:
+    """How many tokens an inference forward runs at a time on ``device`` (see PREFILL_TOKENS)."""
+    return PREFILL_TOKENS if device.type == "cpu" else 1 << 62
+
+
 class HybridLM(nn.Module):
     """Token embedding, ``n_layer`` blocks (kinds from ``cfg.layer_pattern``), final RMSNorm, output head."""
 
@@ -595,7 +609,8 @@ class HybridLM(nn.Module):
                 positions: list[torch.Tensor] | None = None) -> tuple[InferenceCache, torch.Tensor]:
         """Run the prompts and return a batched decoding cache and the next-token logits (B, V) float32.
 
-        Prompts (1-D LongTensors) may differ in length; those of equal length run together;
+        Prompts (1-D LongTensors) may differ in length; those of equal length run together, about
+        :data:`PREFILL_TOKENS` tokens at a time;
         ``positions[i]`` (L_i, N_POS) are prompt i's 2D channels (required when the config uses
         them). The cache holds each Mamba2 layer's final scan state and last d_conv-1 conv inputs,
         and each attention layer's keys and values in ``longest prompt + max_new_tokens`` slots per
@@ -629,8 +644,12 @@ class HybridLM(nn.Module):
         tokens = None
         if self.cfg.align_input:  # align_input looks back at earlier ids while decoding
             tokens = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        pieces = []  # (rows of one length, at most about PREFILL_TOKENS tokens together)
         for length in sorted(set(lengths.tolist())):
-            rows = torch.nonzero(lengths == length).squeeze(1)  # (G,) batch positions of this length
+            same = torch.nonzero(lengths == length).squeeze(1)  # batch positions of this length
+            pieces += list(same.split(max(1, piece_tokens(device) // length)))
+        for rows in pieces:
+            length = len(prompts[int(rows[0])])
             idx = torch.stack([prompts[i] for i in rows.tolist()])  # (G, L)
             pos = torch.stack([positions[i] for i in rows.tolist()]) if self.cfg.uses_positions else None  # (G, L, N_POS)
             x = self.embed(idx, pos, self.aligned_ids(idx, pos) if pos is not None else None)  # (G, L, C)
@@ -675,7 +694,7 @@ class HybridLM(nn.Module):
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor, cache: InferenceCache, pos: torch.Tensor | None = None,
-               ) -> tuple[torch.Tensor, list[MambaPending | None]]:
+               ) -> tuple[torch.Tensor, list[MambaPending | MambaPendingFused | None]]:
         """Feed T tokens per sequence (B, T) at once, with their 2D channels pos (B, T, N_POS) when the
         config uses them, and return the logits after each (B, T, V) float32 and what :meth:`commit`
         needs. Nothing is kept until :meth:`commit` says how many of each sequence's tokens to keep:
@@ -706,7 +725,7 @@ class HybridLM(nn.Module):
         return self._next_logits(x), pending  # (B, T, V)
 
     @torch.no_grad()
-    def commit(self, cache: InferenceCache, pending: list[MambaPending | None], last: torch.Tensor) -> None:
+    def commit(self, cache: InferenceCache, pending: list[MambaPending | MambaPendingFused | None], last: torch.Tensor) -> None:
         """Keep tokens 0..last[i] (B,) of sequence i from the :meth:`extend` that returned ``pending``."""
         for p, state in zip(pending, cache.layers):
             if p is not None:

@@ -178,18 +178,25 @@ def decode(
         return _decode_loop(model, prompts, budgets, device, temperature, generator)
 
 
-def _decode_loop(model: Any, prompts: Sequence[Encoded], budgets: list[int], device: torch.device,
-                 temperature: float, generator: torch.Generator | None) -> list[tuple[list[int], float]]:
-    """:func:`decode`'s work, under its autocast context (the model returns float32 logits)."""
-    n = len(prompts)
+def _start(model: Any, prompts: Sequence[Encoded], budgets: list[int], device: torch.device,
+           ) -> tuple[Any, torch.Tensor, LayoutTracker]:
+    """Prefill the prompts with room for every budget (the cache's capacity is the longest prompt +
+    budget) and start their layouts: (cache, next-token logits (n, V), layout)."""
     longest = max(len(p.ids) for p in prompts)
     room = max(len(p.ids) + b for p, b in zip(prompts, budgets)) - longest  # the cache's slots beyond the longest prompt
     cache, logits = model.prefill([torch.as_tensor(p.ids, dtype=torch.long, device=device) for p in prompts], room,
                                   [torch.as_tensor(p.pos, dtype=torch.long, device=device) for p in prompts])
+    return cache, logits, LayoutTracker([p.ids for p in prompts], budgets, device)
+
+
+def _decode_loop(model: Any, prompts: Sequence[Encoded], budgets: list[int], device: torch.device,
+                 temperature: float, generator: torch.Generator | None) -> list[tuple[list[int], float]]:
+    """:func:`decode`'s work, under its autocast context (the model returns float32 logits)."""
+    n = len(prompts)
+    cache, logits, layout = _start(model, prompts, budgets, device)
     rows = torch.arange(n, device=device)  # which prompt each cache row belongs to
     generated: list[list[int]] = [[] for _ in range(n)]
     logprob_sum = [0.0] * n
-    layout = LayoutTracker([p.ids for p in prompts], budgets, device)
     for _ in range(max(budgets)):
         logits = logits.float()  # (b, V)
         masked = logits.masked_fill(~layout.allowed(logits.size(-1)), -math.inf)
@@ -214,10 +221,11 @@ def _decode_loop(model: Any, prompts: Sequence[Encoded], budgets: list[int], dev
     return [(ids, lp / max(len(ids), 1)) for ids, lp in zip(generated, logprob_sum)]
 
 
-# What checking drafted tokens costs on the CPU it was measured on (docs/BENCHMARKS.md section 15), in
+# What checking drafted tokens costs on the CPU it was measured on (docs/BENCHMARKS.md section 16;
+# section 15 measured (2.2, 0.17) before the Mamba2 layers' check became fused C++ steps), in
 # decoding steps of the same batch: one HybridLM.extend + commit of T tokens ~ VERIFY_COST[0] +
 # VERIFY_COST[1] * (T - 1) steps. The decoder checks drafts only when that is expected to pay.
-VERIFY_COST = (2.2, 0.17)
+VERIFY_COST = (1.9, 0.12)
 
 
 def _verify_length(streak: torch.Tensor, draft: int, room: int) -> int:
@@ -240,19 +248,14 @@ def _decode_speculative(model: Any, prompts: Sequence[Encoded], budgets: list[in
                         draft: int) -> list[tuple[list[int], float]]:
     """:func:`decode`'s greedy work with drafted tokens (``draft`` at most per verification)."""
     n = len(prompts)
-    longest = max(len(p.ids) for p in prompts)
-    total = max(len(p.ids) + b for p, b in zip(prompts, budgets))
-    cache, logits = model.prefill([torch.as_tensor(p.ids, dtype=torch.long, device=device) for p in prompts],
-                                  total - longest,
-                                  [torch.as_tensor(p.pos, dtype=torch.long, device=device) for p in prompts])
+    cache, logits, layout = _start(model, prompts, budgets, device)
     rows = torch.arange(n, device=device)  # which prompt each cache row belongs to
-    ids = torch.full((n, total), PAD, dtype=torch.long, device=device)  # every id so far, for the guesses
+    ids = torch.full((n, cache.capacity), PAD, dtype=torch.long, device=device)  # every id so far, for the guesses
     for i, p in enumerate(prompts):
         ids[i, :len(p.ids)] = torch.as_tensor(p.ids, dtype=torch.long, device=device)
     streak = torch.zeros(n, dtype=torch.long, device=device)  # how many tokens in a row the guess was right
     generated: list[list[int]] = [[] for _ in range(n)]
     logprob_sum = [0.0] * n
-    layout = LayoutTracker([p.ids for p in prompts], budgets, device)
     vocab = logits.size(-1)
 
     def drop_finished(*tensors: torch.Tensor) -> list[torch.Tensor] | None:
@@ -393,6 +396,31 @@ def answer_layouts(prompts: Sequence[Encoded], answers: Sequence[np.ndarray], bu
 
 
 @torch.no_grad()
+def _forward_rows(model: Any, seqs: list[tuple[np.ndarray, np.ndarray]], device: torch.device) -> list[torch.Tensor]:
+    """The logits (T_i, V) float32 on the CPU of each sequence (ids (T_i,), 2D channels (T_i, N_POS)),
+    run a few at a time: consecutive sequences padded together while the piece holds at most
+    about :func:`arc.model.piece_tokens` tokens (one sequence at least; why: PREFILL_TOKENS's note)."""
+    from arc.model import piece_tokens
+
+    cap, out = piece_tokens(device), []
+    start = 0
+    while start < len(seqs):
+        end, length = start + 1, len(seqs[start][0])
+        while end < len(seqs) and (end - start + 1) * max(length, len(seqs[end][0])) <= cap:
+            length = max(length, len(seqs[end][0]))
+            end += 1
+        x = torch.full((end - start, length), PAD, dtype=torch.long)
+        pos = torch.tensor(NO_GRID_POS, dtype=torch.long).repeat(end - start, length, 1)  # (b, T, N_POS)
+        for i, (ids, p) in enumerate(seqs[start:end]):
+            x[i, :len(ids)], pos[i, :len(ids)] = torch.as_tensor(ids), torch.as_tensor(p)
+        logits, _ = model(x.to(device), pos=pos.to(device))  # (b, T, V)
+        logits = logits.float().cpu()
+        out += [logits[i, :len(ids)] for i, (ids, _) in enumerate(seqs[start:end])]
+        start = end
+    return out
+
+
+@torch.no_grad()
 def teacher_forced(model: Any, prompts: Sequence[Encoded], answers: Sequence[np.ndarray], device: torch.device,
                    *, batch: int = 16) -> list[Forced]:
     """Read each answer grid after its prompt in one forward pass, under the decoder's grammar mask.
@@ -407,17 +435,11 @@ def teacher_forced(model: Any, prompts: Sequence[Encoded], answers: Sequence[np.
         chunk = list(zip(prompts[start:start + batch], answers[start:start + batch]))
         layouts = answer_layouts([p for p, _ in chunk], [a for _, a in chunk], answer_budgets(model, [p for p, _ in chunk]), vocab)
         seqs = [(np.concatenate([p.ids, tail]), np.concatenate([p.pos, tail_pos])) for (p, _), (tail, tail_pos, _) in zip(chunk, layouts)]
-        length = max(len(ids) for ids, _ in seqs)
-        x = torch.full((len(seqs), length), PAD, dtype=torch.long)
-        pos = torch.tensor(NO_GRID_POS, dtype=torch.long).repeat(len(seqs), length, 1)  # (B, T, N_POS)
-        for i, (ids, p) in enumerate(seqs):
-            x[i, :len(ids)], pos[i, :len(ids)] = torch.as_tensor(ids), torch.as_tensor(p)
-        logits, _ = model(x.to(device), pos=pos.to(device))  # (B, T, V)
-        logits = logits.float().cpu()
+        logits = _forward_rows(model, seqs, device)  # (T_i, V) each, float32 on the CPU
         for i, ((prompt, answer), (ids, _), (tail, _, mask)) in enumerate(zip(chunk, seqs, layouts)):
             n = len(prompt.ids)
             truth = torch.as_tensor(tail)  # (A,) the answer's tokens
-            masked = logits[i, n - 1:len(ids) - 1].masked_fill(~mask, -math.inf)  # (A, V)
+            masked = logits[i][n - 1:len(ids) - 1].masked_fill(~mask, -math.inf)  # (A, V)
             hits = masked.argmax(-1) == truth
             logprob = float(torch.log_softmax(masked, -1).gather(1, truth[:, None]).sum())
             results.append(Forced(bool(hits.all()), int(hits.sum()), len(truth), logprob))

@@ -3,7 +3,7 @@ time of solving ARC-AGI-1 evaluation tasks with 8 views.
 
     python bench/bench_decode.py cache [--prompts 512,2048,3072] [--new 32] [--md docs/BENCHMARKS.md]
     python bench/bench_decode.py solve --ckpt runs/cpu [--limit 20] [--views 8] [--dtypes float32,bfloat16]
-                                       [--groups 1,8] [--batches 16,64] [--drafts 0,16] [--md ...]
+                                       [--groups 1,8] [--batches 16,64] [--drafts 0,16] [--pieces 0,2048] [--md ...]
 
 cache  greedy constrained decoding of --new tokens after a prompt of each length, with the model's
        cache (prefill once, one step per token; arc.solve.decode) and without it (the whole
@@ -13,8 +13,9 @@ cache  greedy constrained decoding of --new tokens after a prompt of each length
 solve  eval.py's solver on the first --limit ARC-AGI-1 evaluation tasks with --views views: seconds
        per task, extrapolated to all 400 tasks (stated as such). The arms are every combination of
        --dtypes (decoding's autocast dtype), --groups (tasks whose prompts share decoding batches),
-       --batches (prompts a batch) and --drafts (tokens guessed and checked at once, speculative
-       decoding; 0 = one token a step); every chunk of tasks is solved by each arm in turn, in the
+       --batches (prompts a batch), --drafts (tokens guessed and checked at once, speculative
+       decoding; 0 = one token a step) and --pieces (the prefill's tokens at a time on a CPU,
+       arc.model.PREFILL_TOKENS; 0 = no split); every chunk of tasks is solved by each arm in turn, in the
        same process after one untimed warm-up task per arm, so a shared machine's load falls on all
        of them alike; each arm's speed-up and how many attempt grids equal the first arm's follow.
 """
@@ -30,6 +31,7 @@ from common import emit, header
 from arc.data import load_tasks
 from arc.evaluate import load_model
 from arc.loss import resolve_dtype
+import arc.model as model_module
 from arc.model import HybridLM, preset
 from arc.solve import SolveConfig, decode, decode_uncached, solve_tasks
 from arc.tokens import MAX_GRID_TOKENS, Encoded, encode_prompt
@@ -78,25 +80,34 @@ def cmd_solve(args) -> str:
     model, ckpt = load_model(args.ckpt, device)
     tasks = load_tasks("arc1", "eval")[: args.limit]
     head = header(f"python bench/bench_decode.py solve --ckpt {args.ckpt} --limit {args.limit} --views {args.views} "
-                  f"--dtypes {args.dtypes} --groups {args.groups} --batches {args.batches} --drafts {args.drafts}")  # its load average: the start's
+                  f"--dtypes {args.dtypes} --groups {args.groups} --batches {args.batches} --drafts {args.drafts}"
+                  + (f" --pieces {args.pieces}" if args.pieces else ""))  # its load average: the start's
     arms = {}  # name -> SolveConfig, the Cartesian product of the lists, the first is the base
+    pieces = {}  # name -> the prefill's tokens at a time (arc.model.PREFILL_TOKENS) for that arm
     for d in [x.strip() for x in args.dtypes.split(",") if x.strip()]:
         for g in [int(x) for x in args.groups.split(",") if x.strip()]:
             for b in [int(x) for x in args.batches.split(",") if x.strip()]:
                 for k in [int(x) for x in args.drafts.split(",") if x.strip()]:
-                    name = d if resolve_dtype(d, device) == d else f"{d} ({resolve_dtype(d, device)})"
-                    arms[f"{name}, group {g}, batch {b}, draft {k}"] = SolveConfig(views=args.views, dtype=d, group=g,
-                                                                                  batch=b, draft=k)  # validates
-    for cfg in arms.values():  # first calls pay for thread pools, allocations and the bf16 probe
-        solve_tasks(model, tasks[:1], cfg, device=device, progress=False)
+                    for piece in [int(x) for x in (args.pieces or str(model_module.PREFILL_TOKENS)).split(",") if x.strip()]:
+                        name = d if resolve_dtype(d, device) == d else f"{d} ({resolve_dtype(d, device)})"
+                        name = f"{name}, group {g}, batch {b}, draft {k}" + (f", prefill {piece or 'whole'}" if args.pieces else "")
+                        arms[name] = SolveConfig(views=args.views, dtype=d, group=g, batch=b, draft=k)  # validates
+                        pieces[name] = piece or 1 << 62
+
+    def solve(a: str, chunk_tasks: list) -> list:
+        model_module.PREFILL_TOKENS = pieces[a]
+        return solve_tasks(model, chunk_tasks, arms[a], device=device, progress=False)
+
+    for a in arms:  # first calls pay for thread pools, allocations and the bf16 probe
+        solve(a, tasks[:1])
     seconds = {a: 0.0 for a in arms}
     preds: dict[str, list] = {a: [] for a in arms}
     chunk = max(cfg.group for cfg in arms.values())  # every arm solves the same chunk of tasks in turn
     for k in range(0, len(tasks), chunk):
         print(f"tasks {k + 1}-{min(k + chunk, len(tasks))}/{len(tasks)}", flush=True)
-        for a, cfg in arms.items():
+        for a in arms:
             t0 = time.perf_counter()
-            preds[a] += solve_tasks(model, tasks[k:k + chunk], cfg, device=device, progress=False)
+            preds[a] += solve(a, tasks[k:k + chunk])
             seconds[a] += time.perf_counter() - t0
 
     def attempts(a: str) -> list[np.ndarray]:
@@ -106,7 +117,8 @@ def cmd_solve(args) -> str:
     lines = [head,
              f"Checkpoint `{ckpt['path']}` ({model.num_params() / 1e6:.2f}M parameters) on {device}; "
              f"{len(tasks)} tasks, {args.views} views, every arm timed on the same tasks in turn ({chunk} at a time).", "",
-             f"| arm (dtype, tasks decoded together, prompts a batch, tokens guessed at once) | wall time | s/task | generated tokens/s | speed-up vs "
+             f"| arm (dtype, tasks decoded together, prompts a batch, tokens guessed at once"
+             f"{', prefill tokens at a time' if args.pieces else ''}) | wall time | s/task | generated tokens/s | speed-up vs "
              f"the first | attempts identical to the first's | tasks solved | all 400 tasks (extrapolated) |",
              "|---|---|---|---|---|---|---|---|"]
     for a in arms:
@@ -141,6 +153,8 @@ def main() -> None:
     s.add_argument("--groups", default=str(SolveConfig.group), help="tasks decoded together (SolveConfig.group), "
                    "comma-separated; the tasks are handed to every arm in chunks of the largest, so use divisors of it")
     s.add_argument("--batches", default=str(SolveConfig.batch), help="prompts a decoding batch (SolveConfig.batch), comma-separated")
+    s.add_argument("--pieces", default=None, help="prefill tokens at a time to compare (arc.model.PREFILL_TOKENS; "
+                   "0 = each length's prompts in one piece, as before the split), comma-separated; default: the constant")
     s.add_argument("--drafts", default=str(SolveConfig.draft), help="tokens guessed and checked at once (SolveConfig.draft; "
                    "0 = one token a step), comma-separated")
     for x in (c, s):

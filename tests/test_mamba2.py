@@ -180,10 +180,16 @@ def test_mamba2_layer_prefill_then_steps_equal_full_forward():
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
-def test_mamba2_extend_equals_steps_and_commit_keeps_any_number_of_tokens():
+@pytest.mark.parametrize("path", ["fused", "closed form"])
+def test_mamba2_extend_equals_steps_and_commit_keeps_any_number_of_tokens(path, monkeypatch):
     """The speculative decoder's verification: T tokens at once give the outputs of T steps, and the
     state committed after each sequence's own number of kept tokens is the state those steps left
-    (float64: exactly the recurrence; the state itself is left alone by extend)."""
+    (float64: exactly the recurrence; the state itself is left alone by extend). Both ways: T fused
+    C++ steps on copies of the states, and the scan written out in closed form (elsewhere)."""
+    from arc.mamba2 import MambaPending, MambaPendingFused
+
+    if path == "closed form":
+        monkeypatch.setattr(kernels, "fused_step_ok", lambda *args: False)
     torch.manual_seed(0)
     m = Mamba2(32, d_state=8, headdim=16, ngroups=2, chunk_size=8).double().eval()
     prompt, new = torch.randn(4, 9, 32, dtype=torch.float64), torch.randn(4, 6, 32, dtype=torch.float64)
@@ -197,6 +203,7 @@ def test_mamba2_extend_equals_steps_and_commit_keeps_any_number_of_tokens():
             after.append(MambaState(stepped.conv.clone(), stepped.ssm.clone()))
         before = MambaState(start.conv.clone(), start.ssm.clone())
         y, pending = m.extend(new, start)
+    assert isinstance(pending, MambaPendingFused if path == "fused" else MambaPending)
     assert torch.equal(start.ssm, before.ssm) and torch.equal(start.conv, before.conv)  # extend only reads it
     torch.testing.assert_close(y, torch.stack(outs, dim=1), rtol=0, atol=TOL64)
     last = torch.tensor([0, 5, 2, 3])

@@ -347,10 +347,15 @@ def _check_decoding(m: HybridLM, prompt_lengths, new_tokens: int, atol: float = 
     return cache
 
 
-def test_prefill_then_steps_equal_full_forward_for_a_batch_of_different_lengths():
+@pytest.mark.parametrize("piece", [1, 45, 80, 10**6])
+def test_prefill_then_steps_equal_full_forward_for_a_batch_of_different_lengths(piece, monkeypatch):
+    """Whatever the prefill's piece size (PREFILL_TOKENS): each prompt alone (1), lengths 5 and 1
+    together but the two 40s apart (45), the two 40s together (80), every length in one piece."""
+    import arc.model as model_module
+    monkeypatch.setattr(model_module, "PREFILL_TOKENS", piece)
     m = tiny()
-    cache = _check_decoding(m, [5, 40, 17, 40, 1], new_tokens=7)
-    assert cache.lengths.tolist() == [12, 47, 24, 47, 8]
+    cache = _check_decoding(m, [5, 40, 17, 40, 1, 5, 5, 1], new_tokens=7)
+    assert cache.lengths.tolist() == [12, 47, 24, 47, 8, 12, 12, 8]
     kinds = [type(s) for s in cache.layers]
     assert kinds == [MambaState, MambaState, KVCache, MambaState]
 
@@ -375,8 +380,11 @@ def _instances(n: int, seed: int):
 
 @pytest.mark.parametrize("options", [dict(grid_pos=True), dict(align_input=True), dict(rope="grid"),
                                      dict(grid_pos=True, align_input=True, rope="mirror")])
-def test_prefill_then_steps_equal_full_forward_with_2d_positions(options):
+@pytest.mark.parametrize("piece", [1, 10**6])
+def test_prefill_then_steps_equal_full_forward_with_2d_positions(options, piece, monkeypatch):
     from arc.tokens import OUT
+    import arc.model as model_module
+    monkeypatch.setattr(model_module, "PREFILL_TOKENS", piece)
     m = tiny(**options)
     encs = _instances(4, seed=1)
     cuts = [int(max(i for i, t in enumerate(e.ids) if t == OUT)) + 1 for e in encs]  # each prompt ends at the test's OUT
@@ -395,11 +403,16 @@ def test_prefill_then_steps_equal_full_forward_with_2d_positions(options):
 
 
 @pytest.mark.parametrize("options", [dict(), dict(grid_pos=True, align_input=True, rope="mirror")])
-def test_extend_then_commit_equals_steps_for_any_number_of_kept_tokens(options):
+@pytest.mark.parametrize("fused", [True, False])
+def test_extend_then_commit_equals_steps_for_any_number_of_kept_tokens(options, fused, monkeypatch):
     """Speculative decoding's verification: T tokens per sequence in one extend give the logits of T
     steps; committing a different number of them per sequence leaves the cache as that many steps
-    would, so the next steps' logits are the full forward's."""
+    would, so the next steps' logits are the full forward's. The Mamba2 layers both ways: fused C++
+    steps, and the closed form."""
+    from arc import kernels
     from arc.tokens import OUT
+    if not fused:
+        monkeypatch.setattr(kernels, "fused_step_ok", lambda *args: False)
     m = tiny(**options)
     encs = _instances(4, seed=8)  # every answer at least 13 tokens
     cuts = [int(max(i for i, t in enumerate(e.ids) if t == OUT)) + 1 for e in encs]

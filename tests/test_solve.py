@@ -173,6 +173,27 @@ def test_teacher_forced_exact_is_greedy_decoding_in_one_pass(options):
     assert not any(f.exact for f in teacher_forced(model, prompts, other, CPU))
 
 
+def test_teacher_forced_gives_the_same_scores_in_pieces_of_any_size(monkeypatch):
+    """The forward runs consecutive sequences together up to arc.model.PREFILL_TOKENS tokens: one
+    sequence a piece, a few, or the whole batch read the same scores."""
+    import arc.model as model_module
+    from arc.model import HybridLM, preset
+    from arc.solve import teacher_forced
+
+    torch.manual_seed(0)
+    model = HybridLM(preset("tiny", grid_pos=True, align_input=True, rope="mirror")).eval()
+    tasks = [make_task(s) for s in range(6)]
+    prompts = [encode_prompt(t.demos, t.test[0].input, block_size=model.cfg.max_seq_len) for t in tasks]
+    answers = [t.test[0].output for t in tasks]
+    runs = []
+    for piece in (1, 2 * max(len(p.ids) for p in prompts), 10**9):
+        monkeypatch.setattr(model_module, "PREFILL_TOKENS", piece)
+        runs.append(teacher_forced(model, prompts, answers, CPU, batch=4))
+    for run in runs[1:]:
+        assert [(f.exact, f.correct_tokens, f.tokens) for f in run] == [(f.exact, f.correct_tokens, f.tokens) for f in runs[0]]
+        np.testing.assert_allclose([f.logprob for f in run], [f.logprob for f in runs[0]], rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype, autocast", [("float32", None), ("bfloat16", torch.bfloat16)])
 def test_the_solver_runs_prefill_and_every_step_under_its_dtype(dtype, autocast):
     """SolveConfig.dtype reaches the model: bf16 autocast around the prefill and each step, none for float32."""

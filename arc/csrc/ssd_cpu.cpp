@@ -627,49 +627,68 @@ std::vector<at::Tensor> norm_backward(at::Tensor y, at::Tensor z, at::Tensor wei
   return {dy, dz, part.sum(0)};
 }
 
-// ---- one decoding step of the whole mixer, between in_proj and out_proj --------------------------
-// zxbcdt (b, 2*di + 2*g*n + h): the in_proj output, rows [z | x B C | dt]; conv_state (b, cd, w-1)
-// the conv's previous inputs, oldest first, and ssm (b, h, p, n) the scan state, both updated in
-// place; conv weight (cd, w), bias (cd,); A, D, dt_bias (h,); norm weight (di,). Returns the gated,
-// normalised output (b, di), ready for out_proj. Same maths as the unfused step in arc/mamba2.py.
+// ---- decoding steps of the whole mixer, between in_proj and out_proj -----------------------------
+// zxbcdt (b, T, 2*di + 2*g*n + h): the in_proj outputs of T tokens per sequence, rows [z | x B C | dt];
+// conv_state (b, cd, w-1) the conv's previous inputs, oldest first, and ssm (b, h, p, n) the scan
+// state; conv weight (cd, w), bias (cd,); A, D, dt_bias (h,); norm weight (di,). Sequence i runs its
+// first counts[i] tokens (all T when counts is null), one after another, each exactly as one
+// decoding step: the conv step, softplus, the scan step with the D skip, the gated RMSNorm (the same
+// maths as the unfused step in arc/mamba2.py). OUT (b, T, di), when given, gets each token's output,
+// ready for out_proj. With `in_place` the states are advanced; without, each sequence runs on a
+// private copy of its states and they are left as they were (a speculative decoder's check).
 template <typename T, int N>
-void mixer_step_impl(const T* ZX, T* CS, const T* CW, const T* CB, T* SS, const T* AA, const T* DD, const T* DTB,
-                     const T* NW, T* OUT, int64_t b, int64_t h, int64_t p, int64_t g, int64_t n_rt, int64_t w,
-                     T eps) {
+void mixer_run_impl(const T* ZX, T* CS, const T* CW, const T* CB, T* SS, const T* AA, const T* DD, const T* DTB,
+                    const T* NW, const int64_t* counts, bool in_place, T* OUT, int64_t b, int64_t tt, int64_t h,
+                    int64_t p, int64_t g, int64_t n_rt, int64_t w, T eps) {
   const int64_t n = N > 0 ? N : n_rt;
   const int64_t di = h * p, cd = di + 2 * g * n, row = 2 * di + 2 * g * n + h, r = h / g, gs = di / g;
+  const int64_t conv_size = cd * (w - 1), ssm_size = h * p * n;
   at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> xc(cd), y(di);
+    std::vector<T> xc(cd), y(di), conv_copy(in_place ? 0 : conv_size), ssm_copy(in_place ? 0 : ssm_size);
     for (int64_t bi = begin; bi < end; ++bi) {
-      const T* z = ZX + bi * row;
-      const T* xin = z + di;
-      const T* dtr = xin + cd;
-      T* cs = CS + bi * cd * (w - 1);
-      for (int64_t c = 0; c < cd; ++c) {  // conv step: taps 0..w-2 read the state, tap w-1 the new input
-        T* sc = cs + c * (w - 1);
-        const T* wc = CW + c * w;
-        T acc = (CB ? CB[c] : T(0)) + wc[w - 1] * xin[c];
-        for (int64_t k = 0; k < w - 1; ++k) acc += wc[k] * sc[k];
-        for (int64_t k = 0; k + 1 < w - 1; ++k) sc[k] = sc[k + 1];
-        sc[w - 2] = xin[c];
-        xc[c] = acc * sigmoid(acc);
+      T* cs = CS + bi * conv_size;
+      T* ss = SS + bi * ssm_size;
+      if (!in_place) {
+        std::copy(cs, cs + conv_size, conv_copy.begin());
+        std::copy(ss, ss + ssm_size, ssm_copy.begin());
+        cs = conv_copy.data();
+        ss = ssm_copy.data();
       }
-      for (int64_t hi = 0; hi < h; ++hi) {
-        const T v = dtr[hi] + DTB[hi];
-        const T dtv = v > T(20) ? v : std::log1p(std::exp(v));  // softplus, as F.softplus (threshold 20)
-        const int64_t gi = hi / r;
-        step<T, true, N>(SS + (bi * h + hi) * p * n, xc.data() + hi * p, dtv, std::exp(dtv * AA[hi]),
-                         xc.data() + di + gi * n, xc.data() + di + g * n + gi * n, y.data() + hi * p, p, n);
-        for (int64_t i = 0; i < p; ++i) y[hi * p + i] += DD[hi] * xc[hi * p + i];
+      const int64_t count = counts ? std::min(counts[bi], tt) : tt;
+      for (int64_t t = 0; t < count; ++t) {
+        const T* z = ZX + (bi * tt + t) * row;
+        const T* xin = z + di;
+        const T* dtr = xin + cd;
+        for (int64_t c = 0; c < cd; ++c) {  // conv step: taps 0..w-2 read the state, tap w-1 the new input
+          T* sc = cs + c * (w - 1);
+          const T* wc = CW + c * w;
+          T acc = (CB ? CB[c] : T(0)) + wc[w - 1] * xin[c];
+          for (int64_t k = 0; k < w - 1; ++k) acc += wc[k] * sc[k];
+          for (int64_t k = 0; k + 1 < w - 1; ++k) sc[k] = sc[k + 1];
+          sc[w - 2] = xin[c];
+          xc[c] = acc;
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < cd; ++c) xc[c] = xc[c] * sigmoid(xc[c]);  // SiLU, a vector loop of its own
+        for (int64_t hi = 0; hi < h; ++hi) {
+          const T v = dtr[hi] + DTB[hi];
+          const T dtv = v > T(20) ? v : std::log1p(std::exp(v));  // softplus, as F.softplus (threshold 20)
+          const int64_t gi = hi / r;
+          step<T, true, N>(ss + hi * p * n, xc.data() + hi * p, dtv, std::exp(dtv * AA[hi]), xc.data() + di + gi * n,
+                           xc.data() + di + g * n + gi * n, y.data() + hi * p, p, n);
+          for (int64_t i = 0; i < p; ++i) y[hi * p + i] += DD[hi] * xc[hi * p + i];
+        }
+        if (OUT) norm_row<T>(y.data(), z, NW, OUT + (bi * tt + t) * di, di, gs, eps);  // the gated RMSNorm
       }
-      norm_row<T>(y.data(), z, NW, OUT + bi * di, di, gs, eps);  // the gated RMSNorm
     }
   });
 }
 
-at::Tensor mixer_step_(at::Tensor zxbcdt, at::Tensor conv_state, at::Tensor conv_w, c10::optional<at::Tensor> conv_b,
-                       at::Tensor ssm, at::Tensor A, at::Tensor D, at::Tensor dt_bias, at::Tensor norm_w,
-                       int64_t ngroups, double eps) {
+// Checks and dispatch of mixer_run_impl; zxbcdt is (b, T, row). Returns OUT (b, T, di), or an
+// undefined tensor without `out`.
+at::Tensor mixer_run(at::Tensor zxbcdt, at::Tensor conv_state, at::Tensor conv_w, c10::optional<at::Tensor> conv_b,
+                     at::Tensor ssm, at::Tensor A, at::Tensor D, at::Tensor dt_bias, at::Tensor norm_w, int64_t ngroups,
+                     double eps, c10::optional<at::Tensor> counts, bool in_place, bool out) {
   const auto dtype = ssm.scalar_type();
   for (const at::Tensor* t : {&zxbcdt, &conv_state, &conv_w, &ssm, &A, &D, &dt_bias, &norm_w}) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == dtype,
@@ -679,22 +698,50 @@ at::Tensor mixer_step_(at::Tensor zxbcdt, at::Tensor conv_state, at::Tensor conv
   const int64_t b = ssm.size(0), h = ssm.size(1), p = ssm.size(2), n = ssm.size(3), w = conv_w.size(1);
   const int64_t di = h * p, cd = di + 2 * ngroups * n;
   TORCH_CHECK(h % ngroups == 0 && di % ngroups == 0, "mixer_step: groups");
-  TORCH_CHECK(zxbcdt.dim() == 2 && zxbcdt.size(0) == b && zxbcdt.size(1) == 2 * di + 2 * ngroups * n + h,
+  TORCH_CHECK(zxbcdt.dim() == 3 && zxbcdt.size(0) == b && zxbcdt.size(2) == 2 * di + 2 * ngroups * n + h,
               "mixer_step: zxbcdt shape");
   TORCH_CHECK(conv_state.dim() == 3 && conv_state.size(0) == b && conv_state.size(1) == cd && conv_state.size(2) == w - 1 &&
               conv_w.size(0) == cd && w >= 2, "mixer_step: conv shapes");
   TORCH_CHECK(A.numel() == h && D.numel() == h && dt_bias.numel() == h && norm_w.numel() == di, "mixer_step: per-head shapes");
-  at::Tensor out = at::empty({b, di}, ssm.options());
+  if (counts) TORCH_CHECK(counts->device().is_cpu() && counts->is_contiguous() && counts->scalar_type() == at::kLong &&
+                          counts->numel() == b, "mixer_step: counts must be (b,) int64 on the CPU");
+  const int64_t tt = zxbcdt.size(1);
+  at::Tensor result = out ? at::empty({b, tt, di}, ssm.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, "mixer_step", [&] {
     with_state_size(n, [&](auto nn) {
-      mixer_step_impl<scalar_t, decltype(nn)::value>(
+      mixer_run_impl<scalar_t, decltype(nn)::value>(
           zxbcdt.data_ptr<scalar_t>(), conv_state.data_ptr<scalar_t>(), conv_w.data_ptr<scalar_t>(),
           conv_b ? conv_b->data_ptr<scalar_t>() : nullptr, ssm.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
-          D.data_ptr<scalar_t>(), dt_bias.data_ptr<scalar_t>(), norm_w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-          b, h, p, ngroups, n, w, static_cast<scalar_t>(eps));
+          D.data_ptr<scalar_t>(), dt_bias.data_ptr<scalar_t>(), norm_w.data_ptr<scalar_t>(),
+          counts ? counts->data_ptr<int64_t>() : nullptr, in_place, out ? result.data_ptr<scalar_t>() : nullptr,
+          b, tt, h, p, ngroups, n, w, static_cast<scalar_t>(eps));
     });
   });
-  return out;
+  return result;
+}
+
+// One decoding step: zxbcdt (b, row); both states updated in place. Returns (b, di).
+at::Tensor mixer_step_(at::Tensor zxbcdt, at::Tensor conv_state, at::Tensor conv_w, c10::optional<at::Tensor> conv_b,
+                       at::Tensor ssm, at::Tensor A, at::Tensor D, at::Tensor dt_bias, at::Tensor norm_w,
+                       int64_t ngroups, double eps) {
+  TORCH_CHECK(zxbcdt.dim() == 2, "mixer_step: zxbcdt must be (b, row)");
+  return mixer_run(zxbcdt.unsqueeze(1), conv_state, conv_w, conv_b, ssm, A, D, dt_bias, norm_w, ngroups, eps,
+                   c10::nullopt, true, true).squeeze(1);
+}
+
+// T tokens per sequence from the states, which are left unchanged: zxbcdt (b, T, row) -> (b, T, di).
+at::Tensor mixer_extend(at::Tensor zxbcdt, at::Tensor conv_state, at::Tensor conv_w, c10::optional<at::Tensor> conv_b,
+                        at::Tensor ssm, at::Tensor A, at::Tensor D, at::Tensor dt_bias, at::Tensor norm_w,
+                        int64_t ngroups, double eps) {
+  return mixer_run(zxbcdt, conv_state, conv_w, conv_b, ssm, A, D, dt_bias, norm_w, ngroups, eps, c10::nullopt,
+                   false, true);
+}
+
+// The states advanced in place past the first counts[i] (b,) of the T tokens of sequence i; no output.
+void mixer_commit_(at::Tensor zxbcdt, at::Tensor conv_state, at::Tensor conv_w, c10::optional<at::Tensor> conv_b,
+                   at::Tensor ssm, at::Tensor A, at::Tensor D, at::Tensor dt_bias, at::Tensor norm_w, int64_t ngroups,
+                   double eps, at::Tensor counts) {
+  mixer_run(zxbcdt, conv_state, conv_w, conv_b, ssm, A, D, dt_bias, norm_w, ngroups, eps, counts, true, false);
 }
 
 }  // namespace
@@ -706,6 +753,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &ssd_backward, "Mamba2 scan backward: (dx, ddt, dA, dB, dC, dstate0)");
   m.def("conv_forward", &conv_forward, "silu(causal depthwise conv + bias)");
   m.def("mixer_step_", &mixer_step_, "one decoding step of the Mamba2 mixer between in_proj and out_proj, states in place");
+  m.def("mixer_extend", &mixer_extend, "T decoding steps from the states, left unchanged: the outputs (b, T, di)");
+  m.def("mixer_commit_", &mixer_commit_, "the states advanced in place past counts[i] of the T tokens of sequence i");
   m.def("norm_forward", &norm_forward, "rmsnorm(y * silu(z)) * weight per group of channels");
   m.def("norm_backward", &norm_backward, "gradients of norm_forward: (dy, dz, dweight)");
   m.def("conv_backward", &conv_backward, "gradients of conv_forward: (dx, dweight, dbias)");
