@@ -1,6 +1,8 @@
 """The fast twin of the Mamba2 ops on a CPU: a C++ extension (``arc/csrc/ssd_cpu.cpp``) that runs the
 scan's recurrence itself, forward and backward, one (batch row, head) per task on torch's threads,
-the causal conv and the gated RMSNorm (forward and backward), and a whole decoding step of a mixer.
+the causal conv and the gated RMSNorm (forward and backward), and whole decoding steps of a mixer:
+one token (:func:`mixer_step_`), T tokens from the states without changing them (:func:`mixer_extend`,
+a speculative decoder's check) and the states moved past the tokens kept (:func:`mixer_commit_`).
 
 It is compiled from source on first use with ``torch.utils.cpp_extension.load`` (g++ and ninja; about
 30 s once per machine, then cached under torch's extensions folder, or ``TORCH_EXTENSIONS_DIR``),

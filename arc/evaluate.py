@@ -261,6 +261,8 @@ class Journal:
             if isinstance(old.get("key"), dict) and isinstance(old["key"].get("solve"), dict):
                 old["key"]["solve"].setdefault("group", 1)  # journals from before --group solved one task at a time
                 old["key"]["solve"].setdefault("draft", 0)  # and from before --draft, one token a step
+            if isinstance(old.get("key"), dict) and isinstance(old["key"].get("ttt"), dict):
+                old["key"]["ttt"].setdefault("ttt_compile", False)  # journals from before --ttt_compile ran eager
             if old.get("journal") != "arc-eval" or old.get("version") != JOURNAL_VERSION:
                 if not overwrite:
                     raise OutputError(f"{self.path}: not a progress journal of this eval.py; use another --out "

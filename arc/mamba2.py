@@ -79,10 +79,7 @@ class MambaPendingFused:
 
     def commit(self, state: MambaState, last: torch.Tensor) -> None:
         """Move ``state`` past tokens 0..last[i] of sequence i, in place: exactly those steps."""
-        m = self.mixer
-        cpu_scan.mixer_commit_(self.zxbcdt, state.conv, state.ssm, m.conv1d.weight, m.conv1d.bias,
-                               -torch.exp(m.A_log.float()), m.D, m.dt_bias, m.norm.weight, m.ngroups, m.norm.eps,
-                               last + 1)
+        cpu_scan.mixer_commit_(self.zxbcdt, state.conv, state.ssm, *self.mixer.fused_weights(), last + 1)
 
 
 def init_dt_bias(nheads: int, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
@@ -184,15 +181,14 @@ class Mamba2(nn.Module):
         tokens of each sequence). The speculative decoder's verification pass: y[:, t] equals what
         T calls of :meth:`step` would give. Where the step is one C++ call (:func:`arc.kernels.fused_step_ok`)
         the T steps run in one call on copies of the states, and committing runs the kept ones again
-        on the states; elsewhere the scan is written out for one short chunk (in float32 or wider)."""
+        on the states; elsewhere (under autograd, without the C++ extension, on a GPU, states not
+        contiguous float32/64 of one dtype) the scan is written out for one short chunk (in float32 or wider)."""
         b, t, _ = u.shape
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
         zxbcdt = self.in_proj(u)  # (B, T, d_in_proj)
         if kernels.fused_step_ok(zxbcdt, state.conv, state.ssm):  # CPU: T fused steps on copies of the states
             dtype, zxbcdt = zxbcdt.dtype, zxbcdt.to(state.ssm.dtype).contiguous()
-            y = cpu_scan.mixer_extend(zxbcdt, state.conv, state.ssm, self.conv1d.weight, self.conv1d.bias,
-                                      -torch.exp(self.A_log.float()), self.D, self.dt_bias, self.norm.weight, g,
-                                      self.norm.eps)  # (B, T, d_inner) in the states' dtype
+            y = cpu_scan.mixer_extend(zxbcdt, state.conv, state.ssm, *self.fused_weights())  # (B, T, d_inner), states' dtype
             return self.out_proj(y.to(dtype)), MambaPendingFused(zxbcdt, self)  # as step: out_proj in in_proj's dtype
         z, xBC, dt = self._split(zxbcdt)  # (B, T, d_inner), (B, T, conv_dim), (B, T, h)
         with torch.autocast(device_type=u.device.type, enabled=False):
@@ -218,6 +214,13 @@ class Mamba2(nn.Module):
         y = self.norm(y.reshape(b, t, self.d_inner).to(z.dtype), z)  # (B, T, d_inner)
         return self.out_proj(y), MambaPending(window, cum, dt, x, B)
 
+    def fused_weights(self) -> tuple:
+        """What the C++ decoding steps (arc.cpu_scan.mixer_step_ / mixer_extend / mixer_commit_) take
+        after the in_proj output and the two states: conv weight and bias, A, D, dt_bias, the norm's
+        weight, groups, eps."""
+        return (self.conv1d.weight, self.conv1d.bias, -torch.exp(self.A_log.float()), self.D, self.dt_bias,
+                self.norm.weight, self.ngroups, self.norm.eps)
+
     def allocate_state(self, batch: int, device: torch.device | str) -> MambaState:
         """A zero state, as before any token."""
         return MambaState(torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device),
@@ -230,9 +233,7 @@ class Mamba2(nn.Module):
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
         zxbcdt = self.in_proj(u)  # (B, d_in_proj)
         if kernels.fused_step_ok(zxbcdt, state.conv, state.ssm):  # CPU: everything up to out_proj in one call
-            A = -torch.exp(self.A_log.float())  # (h,)
-            y = cpu_scan.mixer_step_(zxbcdt, state.conv, state.ssm, self.conv1d.weight, self.conv1d.bias, A, self.D,
-                                     self.dt_bias, self.norm.weight, g, self.norm.eps)  # (B, d_inner) float32
+            y = cpu_scan.mixer_step_(zxbcdt, state.conv, state.ssm, *self.fused_weights())  # (B, d_inner) float32
             return self.out_proj(y.to(zxbcdt.dtype))  # (B, d_model)
         z, xBC, dt = self._split(zxbcdt)  # (B, d_inner), (B, conv_dim), (B, nheads)
         xBC = kernels.conv_step(xBC, state.conv, self.conv1d.weight, self.conv1d.bias)  # (B, conv_dim)

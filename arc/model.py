@@ -422,8 +422,9 @@ class InferenceCache:
 # ---- the model ----------------------------------------------------------------------------------
 # The prefill runs prompts of one length together, at most about this many tokens at a time (at
 # least one prompt). On a CPU the Mamba2 layers' elementwise work (casts, the conv, the gated norm)
-# is bound by memory traffic once a piece's activations outgrow the cache, and one piece of many
-# prompts was much slower per token than the same prompts a few at a time (docs/BENCHMARKS.md
+# is bound by memory traffic once a piece's activations outgrow the cache: one piece of many short
+# prompts was 1.3x slower per token than the same prompts two at a time on an idle 2-core CPU,
+# 1.6-1.8x with one thread beside another job; long prompts of one length ~even (docs/BENCHMARKS.md
 # section 16). Each prompt's result is the same in a piece of any size, up to the rounding of the
 # matrix multiplies (tests/test_model.py). On a GPU each length stays one piece, as before the split.
 PREFILL_TOKENS = 2048

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from arc import alloc, checkpoint, data, files, kernels, sources
+from arc.compiling import compile_model, compile_seconds
 from arc.config import help_field, to_dict
 from arc.dist import DistInfo, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from arc.loader import ArcDataLoader, Batch
@@ -327,16 +328,6 @@ def accumulate_gradients(model: torch.nn.Module, raw_model: HybridLM, next_batch
                       all_reduce_sum(local_real, info), all_reduce_sum(local_padded, info))
 
 
-def compile_seconds() -> float:
-    """Seconds torch.compile has spent so far in this process: dynamo's tracing and compiling of the
-    forward graphs plus inductor's compiling of the backward ones (0.0 where torch does not say)."""
-    try:
-        from torch._dynamo.utils import compilation_time_metrics as metrics
-    except ImportError:
-        return 0.0
-    return float(sum(metrics.get("_compile.compile_inner", [])) + sum(metrics.get("compile_fx.<locals>.bw_compiler", [])))
-
-
 def memory_mb(device: torch.device) -> float:
     """Peak accelerator memory, or this process's peak resident memory on CPU."""
     if device.type == "cuda":
@@ -467,10 +458,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, *, stop_after: int | None = 
         start_step, best_val = int(ckpt["step"]), float(ckpt["best_val"])
     model: torch.nn.Module = raw_model
     if cfg.compile:
-        # on a CPU every dim is dynamic from the start: the length buckets give a new (batch, length)
-        # almost every step, and starting static cost two extra ~40 s compiles before torch gave up
-        # specialising (measured on the cpu preset); GPU keeps torch's default
-        model = torch.compile(model, dynamic=True if device.type == "cpu" else None)
+        model = compile_model(model, device)
     if info.is_distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arc import augment, data
+from arc.compiling import compile_model, compile_seconds
 from arc.config import help_field
 from arc.loader import ArcDataLoader
 from arc.loss import DTYPES, autocast_for, mean_loss
@@ -81,6 +82,9 @@ class TTTConfig:
     ttt_check_every: int = help_field(0, "every N steps, stop if greedy decoding already writes every (un-augmented) "
                                          "leave-one-out demonstration output exactly, by one teacher-forced pass "
                                          "(0: never check, always run --ttt_steps)")
+    ttt_compile: bool = help_field(False, "torch.compile the fine-tuning forward (every dim dynamic on a CPU); the "
+                                          "first tasks pay the compiling, reported as compile_s in each task's adapt "
+                                          "record; decoding stays eager")
     seed: int = help_field(0, "seed of the augmentations (each task gets its own stream from it)")
     dtype: Literal["auto", "float32", "bfloat16"] = help_field(
         "auto", "autocast dtype of the fine-tuning steps (arc.loss.autocast_for); eval.py's one --dtype sets it "
@@ -109,6 +113,10 @@ class TTTConfig:
             (self.ttt_lora_alpha > 0 and math.isfinite(self.ttt_lora_alpha), "--ttt_lora_alpha must be a positive number",
              self.ttt_lora_alpha),
             (self.ttt_check_every >= 0, "--ttt_check_every must be >= 0 (0: no early stop)", self.ttt_check_every),
+            (not (self.ttt_compile and self.ttt_params == "lora"),
+             "--ttt_compile does not support --ttt_params lora (the adapters are forward hooks added and removed for "
+             "every task, which the compiled graph would have to be traced again for); use --ttt_params all or last",
+             self.ttt_params),
         ]
         for ok, what, value in checks:
             if not ok:
@@ -247,6 +255,9 @@ class TaskFineTuner:
             self.trained = trained_parameters(model, cfg)
         self.optimizer = torch.optim.AdamW(self.trained, lr=cfg.ttt_lr, weight_decay=cfg.ttt_weight_decay,
                                            betas=(0.9, 0.95))
+        self.forward = model  # what the fine-tuning steps call: the model, or its compiled wrapper (same weights)
+        if cfg.ttt_compile:
+            self.forward = compile_model(model, next(model.parameters()).device)
 
     def fit(self, task: data.Task, device: torch.device) -> dict:
         """Fine-tune on the task's demonstrations; returns steps run, why it stopped (``stop``:
@@ -289,7 +300,7 @@ class TaskFineTuner:
                         g["lr"] = self.cfg.ttt_lr * min(1.0, (step + 1) / max(1, self.cfg.ttt_warmup))
                     x, y, pos = loader.next_batch().to(device)  # (B, T), (B, T), (B, T, N_POS); T <= block_size
                     with autocast_for(self.cfg.dtype, device):
-                        logits, _ = self.model(x, pos=pos)  # (B, T, V)
+                        logits, _ = self.forward(x, pos=pos)  # (B, T, V)
                     loss = mean_loss(logits, y)
                     loss.backward()
                     if self.cfg.ttt_grad_clip > 0:
@@ -301,9 +312,12 @@ class TaskFineTuner:
             for p, flag in zip(self.model.parameters(), flags):
                 p.requires_grad_(flag)
             self.model.eval()
-        return {"steps": len(losses), "stop": stop, "checks": checks, "first_loss": losses[0] if losses else None,
-                "last_loss": losses[-1] if losses else None, "seconds": round(time.time() - t0, 3),
-                "block_size": self.block_size}
+        record = {"steps": len(losses), "stop": stop, "checks": checks, "first_loss": losses[0] if losses else None,
+                  "last_loss": losses[-1] if losses else None, "seconds": round(time.time() - t0, 3),
+                  "block_size": self.block_size}
+        if self.cfg.ttt_compile:  # cumulative over the process: the first tasks compile, later ones reuse
+            record["compile_s"] = round(compile_seconds(), 2)
+        return record
 
     def _demonstration_check(self, task: data.Task, device: torch.device):
         """A function telling whether greedy decoding (the solver's prompt, grammar mask and budget)

@@ -154,7 +154,8 @@ def main() -> None:
                    "comma-separated; the tasks are handed to every arm in chunks of the largest, so use divisors of it")
     s.add_argument("--batches", default=str(SolveConfig.batch), help="prompts a decoding batch (SolveConfig.batch), comma-separated")
     s.add_argument("--pieces", default=None, help="prefill tokens at a time to compare (arc.model.PREFILL_TOKENS; "
-                   "0 = each length's prompts in one piece, as before the split), comma-separated; default: the constant")
+                   "0 = each length's prompts in one piece, as before the split), comma-separated; default: the constant. "
+                   "CPU only: on a GPU the prefill never splits, so the arms are the same")
     s.add_argument("--drafts", default=str(SolveConfig.draft), help="tokens guessed and checked at once (SolveConfig.draft; "
                    "0 = one token a step), comma-separated")
     for x in (c, s):

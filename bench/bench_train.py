@@ -51,7 +51,7 @@ from arc.data import load_tasks
 from arc.loader import ArcDataLoader
 from arc.model import HybridLM, ModelConfig, preset
 from arc.tokens import PAD
-from arc.trainer import compile_seconds
+from arc.compiling import compile_seconds
 from arc.loss import autocast_for, loss_sum, resolve_dtype
 
 

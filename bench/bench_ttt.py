@@ -32,6 +32,7 @@ from arc.evaluate import load_model, select_tasks
 from arc.solve import SolveConfig, solve_task, submission_of
 from arc.tokens import IGNORE_INDEX, encode_instance, pair_length
 from arc.loss import loss_sum
+from arc.compiling import compile_seconds
 from arc.ttt import TTT_PARAMS, TaskFineTuner, TTTConfig
 
 
@@ -89,6 +90,7 @@ def main() -> None:
     ap.add_argument("--ttt_lora_rank", type=int, default=TTTConfig.ttt_lora_rank)
     ap.add_argument("--ttt_lora_alpha", type=float, default=TTTConfig.ttt_lora_alpha)
     ap.add_argument("--ttt_check_every", type=int, default=TTTConfig.ttt_check_every)
+    ap.add_argument("--ttt_compile", action="store_true", help="torch.compile the fine-tuning forward (TTTConfig.ttt_compile)")
     ap.add_argument("--md", default=None)
     args = ap.parse_args()
 
@@ -99,7 +101,7 @@ def main() -> None:
     rows = []
     ttt_flags = dict(ttt_lr=args.ttt_lr, ttt_batch=args.ttt_batch, ttt_params=args.ttt_params, ttt_layers=args.ttt_layers,
                      ttt_lora_rank=args.ttt_lora_rank, ttt_lora_alpha=args.ttt_lora_alpha,
-                     ttt_check_every=args.ttt_check_every)
+                     ttt_check_every=args.ttt_check_every, ttt_compile=args.ttt_compile)
     TTTConfig(**ttt_flags)  # bad flags fail before the model runs
     for steps in [int(b) for b in args.budgets.split(",")]:
         tuner = TaskFineTuner(model, TTTConfig(ttt_steps=steps, **ttt_flags)) if steps else None
@@ -138,6 +140,7 @@ def main() -> None:
                     + (f" --seed {args.seed}" if args.pick == "sample" else "") + f" --budgets {args.budgets} --views {args.views} --ttt_batch {args.ttt_batch} --ttt_lr {args.ttt_lr}"
                     + f" --ttt_params {args.ttt_params}" + (f" --ttt_layers {args.ttt_layers}" if args.ttt_layers else "")
                     + (f" --ttt_lora_rank {args.ttt_lora_rank} --ttt_lora_alpha {args.ttt_lora_alpha}" if args.ttt_params == "lora" else "")
+                    + (" --ttt_compile" if args.ttt_compile else "")
                     + (f" --ttt_check_every {args.ttt_check_every}" if args.ttt_check_every else "")),
              f"{len(tasks)} {args.data} {args.split} tasks ({picked(args)}): {', '.join(t.id for t in tasks)}. "
              f"{model.num_params() / 1e6:.2f}M parameters, {args.views} views, TTT batch {args.ttt_batch}, lr {args.ttt_lr}, "
@@ -149,6 +152,8 @@ def main() -> None:
         lines.append(f"| {steps} | {sc:.3f} | {solved}/{len(tasks)} | {shaped}/{n_tests} | {l:.3f} | {acc:.1%} | {run:.1f} "
                      f"| {step_s:.3f} | {fit_s:.1f} | {total_s:.1f} |")
     lines += [""] + [f"Solved at {r[0]} steps: {', '.join(r[-1]) or 'none'}." for r in rows]
+    if args.ttt_compile:
+        lines.append(f"torch.compile spent {compile_seconds():.0f} s compiling in this process, inside the TTT seconds above.")
     emit("\n".join(lines) + "\n", args.md)
 
 

@@ -243,7 +243,7 @@ def test_torch_compile_traces_the_cpp_ops_without_a_graph_break():
     """The C++ ops are torch.library custom ops with shape-only fakes, so torch.compile takes the whole
     model as one graph (fullgraph=True fails on any break) and computes what eager computes; the
     trainer's compile_s reads the time it took."""
-    from arc.trainer import compile_seconds
+    from arc.compiling import compile_seconds
     model = tiny_model()
     ids = torch.randint(0, 16, (2, 24), generator=torch.Generator().manual_seed(0))
     before = compile_seconds()
@@ -314,3 +314,36 @@ def test_a_step_autograd_records_takes_the_unfused_ops_and_never_drops_gradients
     out = m.step(torch.randn(2, 32), state)
     with pytest.raises(RuntimeError, match="inplace"):
         out.square().sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mixer_extend_and_commit_are_the_steps_bit_for_bit(dtype):
+    """The speculative decoder's C++ check: T tokens by mixer_extend give exactly the outputs of T
+    mixer_step_ calls (the same code), leave the states untouched, and mixer_commit_ moves each
+    sequence's states past its own count of tokens (0 to T) exactly as that many steps do; counts
+    outside [0, T] are refused."""
+    from arc.mamba2 import Mamba2
+    torch.manual_seed(0)
+    m = Mamba2(32, d_state=16, headdim=8, ngroups=2).to(dtype).eval()
+    b, t = 4, 5
+    with torch.no_grad():
+        _, start = m(torch.randn(b, 7, 32, dtype=dtype), return_state=True)
+        conv, ssm = start.conv.to(dtype).contiguous(), start.ssm.to(dtype).contiguous()
+        zx = m.in_proj(torch.randn(b, t, 32, dtype=dtype)).contiguous()
+        weights = m.fused_weights()
+        c0, s0 = conv.clone(), ssm.clone()
+        out = cpu_scan.mixer_extend(zx, conv, ssm, *weights)
+        assert torch.equal(conv, c0) and torch.equal(ssm, s0)
+        after = []  # the states after 0..T steps
+        c, s = c0.clone(), s0.clone()
+        after.append((c.clone(), s.clone()))
+        for k in range(t):
+            assert torch.equal(out[:, k], cpu_scan.mixer_step_(zx[:, k], c, s, *weights))
+            after.append((c.clone(), s.clone()))
+        counts = torch.tensor([0, 1, t, 3])
+        cpu_scan.mixer_commit_(zx, conv, ssm, *weights, counts)
+        for i, k in enumerate(counts.tolist()):
+            assert torch.equal(conv[i], after[k][0][i]) and torch.equal(ssm[i], after[k][1][i])
+        for bad in ([0, 1, t + 1, 0], [0, -1, 0, 0]):
+            with pytest.raises(RuntimeError, match="is outside"):
+                cpu_scan.mixer_commit_(zx, conv, ssm, *weights, torch.tensor(bad))

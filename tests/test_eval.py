@@ -311,6 +311,22 @@ def test_a_journal_from_before_a_setting_continues_with_its_old_behaviour(small,
     assert solved == ["task03", "task04"]
 
 
+def test_a_ttt_journal_from_before_ttt_compile_continues(small, tmp_path, monkeypatch):
+    """A journal written before --ttt_compile (eager fine-tuning) lacks it in its key: the same
+    command continues it."""
+    ckpt, tasks = small
+    out = tmp_path / "o"
+    assert eval_cli.main(eval_args(ckpt, tasks, out, "--ttt_steps", "1", "--ttt_batch", "1")) == 0
+    lines = (out / JOURNAL).read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["key"]["ttt"]["ttt_compile"]
+    (out / JOURNAL).write_text("\n".join([json.dumps(header)] + lines[1:4]) + "\n")  # 3 of 5 tasks done
+    real, solved = evaluate.solve_tasks, []
+    monkeypatch.setattr(evaluate, "solve_tasks", lambda model, batch, *a, **k: solved.extend(t.id for t in batch) or real(model, batch, *a, **k))
+    assert eval_cli.main(eval_args(ckpt, tasks, out, "--ttt_steps", "1", "--ttt_batch", "1")) == 0
+    assert solved == ["task03", "task04"]
+
+
 def rounded(obj, digits: int = 6):
     """A JSON value with every float rounded (sums over other batch compositions differ in the last bits)."""
     if isinstance(obj, dict):

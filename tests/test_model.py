@@ -349,8 +349,9 @@ def _check_decoding(m: HybridLM, prompt_lengths, new_tokens: int, atol: float = 
 
 @pytest.mark.parametrize("piece", [1, 45, 80, 10**6])
 def test_prefill_then_steps_equal_full_forward_for_a_batch_of_different_lengths(piece, monkeypatch):
-    """Whatever the prefill's piece size (PREFILL_TOKENS): each prompt alone (1), lengths 5 and 1
-    together but the two 40s apart (45), the two 40s together (80), every length in one piece."""
+    """Whatever the prefill's piece size (PREFILL_TOKENS): each prompt alone (1); the three 5s
+    together, the two 1s together, the two 40s apart (45); the two 40s together too (80); each
+    length in one piece (10**6). Prompts of different lengths never share a piece."""
     import arc.model as model_module
     monkeypatch.setattr(model_module, "PREFILL_TOKENS", piece)
     m = tiny()
@@ -387,6 +388,7 @@ def test_prefill_then_steps_equal_full_forward_with_2d_positions(options, piece,
     monkeypatch.setattr(model_module, "PREFILL_TOKENS", piece)
     m = tiny(**options)
     encs = _instances(4, seed=1)
+    encs = encs + encs[:2]  # two lengths twice: with pieces of 10**6 tokens they share one
     cuts = [int(max(i for i, t in enumerate(e.ids) if t == OUT)) + 1 for e in encs]  # each prompt ends at the test's OUT
     full = [(torch.as_tensor(e.ids), torch.as_tensor(e.pos)) for e in encs]
     ref = [m(ids[None], pos=pos[None])[0][0] for ids, pos in full]  # (L, V) each
@@ -425,6 +427,8 @@ def test_extend_then_commit_equals_steps_for_any_number_of_kept_tokens(options, 
     toks = torch.stack([ids[c:c + t] for (ids, _), c in zip(full, cuts)])  # (B, T)
     pos = torch.stack([p[c:c + t] for (_, p), c in zip(full, cuts)])  # (B, T, N_POS)
     logits, pending = m.extend(toks, cache, pos)
+    from arc.mamba2 import MambaPendingFused
+    assert any(isinstance(p, MambaPendingFused) for p in pending) == fused  # the path asked for ran
     assert logits.shape == (4, t, VOCAB_SIZE) and logits.dtype == torch.float32
     for i, c in enumerate(cuts):
         torch.testing.assert_close(logits[i], ref[i][c:c + t], rtol=0, atol=2e-5)

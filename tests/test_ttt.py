@@ -332,6 +332,7 @@ def test_early_stop_on_a_learnt_task_reads_only_the_demonstrations():
     (dict(ttt_params="lora", ttt_layers=-1), "--ttt_layers must be >= 0"),
     (dict(ttt_lora_rank=0), "--ttt_lora_rank must be >= 1"), (dict(ttt_lora_alpha=float("inf")), "--ttt_lora_alpha"),
     (dict(ttt_check_every=-1), "--ttt_check_every must be >= 0"),
+    (dict(ttt_compile=True, ttt_params="lora"), "--ttt_compile does not support --ttt_params lora"),
 ])
 def test_bad_cheaper_ttt_settings_name_the_flag(flags, message):
     with pytest.raises(ValueError, match=message):
@@ -350,3 +351,27 @@ def test_the_new_settings_are_eval_flags():
     _, _, ttt_cfg = eval_cli.parse_args(["--ckpt", "c", "--out", "o", "--ttt_steps", "64", "--ttt_params", "lora",
                                          "--ttt_lora_rank", "8", "--ttt_check_every", "16"])
     assert (ttt_cfg.ttt_params, ttt_cfg.ttt_lora_rank, ttt_cfg.ttt_check_every) == ("lora", 8, 16)
+
+
+def test_compiled_fine_tuning_follows_eager_and_restores_the_weights():
+    """--ttt_compile: the fine-tuning steps run through torch.compile (every dim dynamic on a CPU),
+    lose as the eager steps do on the same batches, report the compiling, and leave the weights as
+    they were; an eval flag, journaled."""
+    torch.manual_seed(0)
+    model = HybridLM(tiny())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    task = small_task()
+    records = {}
+    for compiled in (False, True):
+        tuner = TaskFineTuner(model, TTTConfig(ttt_steps=3, ttt_batch=2, ttt_lr=3e-3, ttt_compile=compiled, dtype="float32"))
+        assert (tuner.forward is model) != compiled
+        records[compiled] = tuner.fit(task, CPU)
+        tuner.restore()
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    eager, comp = records[False], records[True]
+    assert comp["steps"] == eager["steps"] == 3 and "compile_s" not in eager and comp["compile_s"] > 0
+    assert comp["first_loss"] == pytest.approx(eager["first_loss"], rel=1e-4)
+    assert comp["last_loss"] == pytest.approx(eager["last_loss"], rel=1e-3)
+    import eval as eval_cli
+    _, _, ttt_cfg = eval_cli.parse_args(["--ckpt", "c", "--out", "o", "--ttt_steps", "8", "--ttt_compile", "true"])
+    assert ttt_cfg.ttt_compile is True

@@ -1,7 +1,9 @@
 // The Mamba2 ops on a CPU, built on first use by arc/cpu_scan.py (torch.utils.cpp_extension): the
 // scan as the plain recurrence, forward and backward, in one pass over the sequence per (batch row,
 // head); the causal depthwise conv + SiLU and the gated RMSNorm, forward and backward; and one
-// decoding step of the whole mixer between in_proj and out_proj. The scan:
+// decoding steps of the whole mixer between in_proj and out_proj (one token: mixer_step_; T tokens
+// from the states, left unchanged: mixer_extend; the states advanced by a count per sequence:
+// mixer_commit_). The scan:
 //
 //   s_t = exp(dt_t * A) s_{t-1} + (dt_t x_t) B_t^T        s: (p, n) per head, s_{-1} = initial state
 //   y_t = s_t C_t
@@ -654,7 +656,7 @@ void mixer_run_impl(const T* ZX, T* CS, const T* CW, const T* CB, T* SS, const T
         cs = conv_copy.data();
         ss = ssm_copy.data();
       }
-      const int64_t count = counts ? std::min(counts[bi], tt) : tt;
+      const int64_t count = counts ? counts[bi] : tt;
       for (int64_t t = 0; t < count; ++t) {
         const T* z = ZX + (bi * tt + t) * row;
         const T* xin = z + di;
@@ -674,6 +676,11 @@ void mixer_run_impl(const T* ZX, T* CS, const T* CW, const T* CB, T* SS, const T
           const T v = dtr[hi] + DTB[hi];
           const T dtv = v > T(20) ? v : std::log1p(std::exp(v));  // softplus, as F.softplus (threshold 20)
           const int64_t gi = hi / r;
+          if (!OUT) {  // committing: the state only
+            step<T, false, N>(ss + hi * p * n, xc.data() + hi * p, dtv, std::exp(dtv * AA[hi]), xc.data() + di + gi * n,
+                              nullptr, nullptr, p, n);
+            continue;
+          }
           step<T, true, N>(ss + hi * p * n, xc.data() + hi * p, dtv, std::exp(dtv * AA[hi]), xc.data() + di + gi * n,
                            xc.data() + di + g * n + gi * n, y.data() + hi * p, p, n);
           for (int64_t i = 0; i < p; ++i) y[hi * p + i] += DD[hi] * xc[hi * p + i];
@@ -703,9 +710,15 @@ at::Tensor mixer_run(at::Tensor zxbcdt, at::Tensor conv_state, at::Tensor conv_w
   TORCH_CHECK(conv_state.dim() == 3 && conv_state.size(0) == b && conv_state.size(1) == cd && conv_state.size(2) == w - 1 &&
               conv_w.size(0) == cd && w >= 2, "mixer_step: conv shapes");
   TORCH_CHECK(A.numel() == h && D.numel() == h && dt_bias.numel() == h && norm_w.numel() == di, "mixer_step: per-head shapes");
-  if (counts) TORCH_CHECK(counts->device().is_cpu() && counts->is_contiguous() && counts->scalar_type() == at::kLong &&
-                          counts->numel() == b, "mixer_step: counts must be (b,) int64 on the CPU");
   const int64_t tt = zxbcdt.size(1);
+  if (counts) {
+    TORCH_CHECK(counts->device().is_cpu() && counts->is_contiguous() && counts->scalar_type() == at::kLong &&
+                counts->numel() == b, "mixer_step: counts must be (b,) int64 on the CPU");
+    TORCH_CHECK(!out, "mixer_step: counts run fewer tokens than the output would hold");
+    const int64_t* c = counts->data_ptr<int64_t>();
+    for (int64_t i = 0; i < b; ++i)
+      TORCH_CHECK(c[i] >= 0 && c[i] <= tt, "mixer_step: counts[", i, "] = ", c[i], " is outside [0, ", tt, "]");
+  }
   at::Tensor result = out ? at::empty({b, tt, di}, ssm.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, "mixer_step", [&] {
     with_state_size(n, [&](auto nn) {
