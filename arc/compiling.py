@@ -14,8 +14,11 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
 
 
 def compile_seconds() -> float:
-    """Seconds torch.compile has spent so far in this process: dynamo's tracing and compiling of the
-    forward graphs plus inductor's compiling of the backward ones (0.0 where torch does not say)."""
+    """Seconds torch.compile has spent so far in this process by torch's own counters: dynamo's
+    tracing and compiling of the forward graphs plus inductor's compiling of the backward ones (0.0
+    where torch does not say). An upper bound: with dynamic shapes torch compiles the backward inside
+    the forward's compile, so that part is counted twice (129 s counted against ~94 s of compiling
+    measured by wall time, docs/BENCHMARKS.md section 16)."""
     try:
         from torch._dynamo.utils import compilation_time_metrics as metrics
     except ImportError:

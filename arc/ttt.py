@@ -83,8 +83,8 @@ class TTTConfig:
                                          "leave-one-out demonstration output exactly, by one teacher-forced pass "
                                          "(0: never check, always run --ttt_steps)")
     ttt_compile: bool = help_field(False, "torch.compile the fine-tuning forward (every dim dynamic on a CPU); the "
-                                          "first tasks pay the compiling, reported as compile_s in each task's adapt "
-                                          "record; decoding stays eager")
+                                          "first tasks pay the compiling (compile_s in each task's adapt record: "
+                                          "torch's cumulative count, an upper bound); decoding stays eager")
     seed: int = help_field(0, "seed of the augmentations (each task gets its own stream from it)")
     dtype: Literal["auto", "float32", "bfloat16"] = help_field(
         "auto", "autocast dtype of the fine-tuning steps (arc.loss.autocast_for); eval.py's one --dtype sets it "

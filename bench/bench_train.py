@@ -51,7 +51,7 @@ from arc.data import load_tasks
 from arc.loader import ArcDataLoader
 from arc.model import HybridLM, ModelConfig, preset
 from arc.tokens import PAD
-from arc.compiling import compile_seconds
+from arc.compiling import compile_model, compile_seconds
 from arc.loss import autocast_for, loss_sum, resolve_dtype
 
 
@@ -85,8 +85,8 @@ class Arm:
 
     def __post_init__(self) -> None:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        dynamic = True if next(self.model.parameters()).device.type == "cpu" else None  # as arc/trainer.py does
-        self.run = torch.compile(self.model, dynamic=dynamic) if self.compiled else self.model
+        device = next(self.model.parameters()).device
+        self.run = compile_model(self.model, device) if self.compiled else self.model  # as train.py --compile
 
     def step(self, device: torch.device, timed: bool = True) -> None:
         """One optimizer step, end to end: the batch is built inside the timed region."""

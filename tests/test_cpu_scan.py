@@ -344,6 +344,8 @@ def test_mixer_extend_and_commit_are_the_steps_bit_for_bit(dtype):
         cpu_scan.mixer_commit_(zx, conv, ssm, *weights, counts)
         for i, k in enumerate(counts.tolist()):
             assert torch.equal(conv[i], after[k][0][i]) and torch.equal(ssm[i], after[k][1][i])
+        kept = conv.clone(), ssm.clone()
         for bad in ([0, 1, t + 1, 0], [0, -1, 0, 0]):
             with pytest.raises(RuntimeError, match="is outside"):
                 cpu_scan.mixer_commit_(zx, conv, ssm, *weights, torch.tensor(bad))
+            assert torch.equal(conv, kept[0]) and torch.equal(ssm, kept[1])  # refused before any change

@@ -311,9 +311,9 @@ def test_a_journal_from_before_a_setting_continues_with_its_old_behaviour(small,
     assert solved == ["task03", "task04"]
 
 
-def test_a_ttt_journal_from_before_ttt_compile_continues(small, tmp_path, monkeypatch):
+def test_a_ttt_journal_from_before_ttt_compile_continues(small, tmp_path, monkeypatch, capsys):
     """A journal written before --ttt_compile (eager fine-tuning) lacks it in its key: the same
-    command continues it."""
+    command continues it; --ttt_compile true is another evaluation."""
     ckpt, tasks = small
     out = tmp_path / "o"
     assert eval_cli.main(eval_args(ckpt, tasks, out, "--ttt_steps", "1", "--ttt_batch", "1")) == 0
@@ -321,6 +321,9 @@ def test_a_ttt_journal_from_before_ttt_compile_continues(small, tmp_path, monkey
     header = json.loads(lines[0])
     del header["key"]["ttt"]["ttt_compile"]
     (out / JOURNAL).write_text("\n".join([json.dumps(header)] + lines[1:4]) + "\n")  # 3 of 5 tasks done
+    capsys.readouterr()
+    assert eval_cli.main(eval_args(ckpt, tasks, out, "--ttt_steps", "1", "--ttt_batch", "1", "--ttt_compile", "true")) == 2
+    assert "ttt.ttt_compile: true here, false in the journal" in capsys.readouterr().err.lower()
     real, solved = evaluate.solve_tasks, []
     monkeypatch.setattr(evaluate, "solve_tasks", lambda model, batch, *a, **k: solved.extend(t.id for t in batch) or real(model, batch, *a, **k))
     assert eval_cli.main(eval_args(ckpt, tasks, out, "--ttt_steps", "1", "--ttt_batch", "1")) == 0
