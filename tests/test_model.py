@@ -2,10 +2,12 @@
 parameter groups and cached decoding (prefill + step equal the full forward)."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -388,7 +390,10 @@ def test_prefill_then_steps_equal_full_forward_with_2d_positions(options, piece,
     monkeypatch.setattr(model_module, "PREFILL_TOKENS", piece)
     m = tiny(**options)
     encs = _instances(4, seed=1)
-    encs = encs + encs[:2]  # two lengths twice: with pieces of 10**6 tokens they share one
+    # two lengths twice, the copies with other colours (same layout, other ids): with pieces of
+    # 10**6 tokens each pair shares one, and a row mix-up inside it would change the logits
+    encs = encs + [dataclasses.replace(e, ids=np.where(np.asarray(e.ids) < 10, (np.asarray(e.ids) + 3) % 10, e.ids))
+                   for e in encs[:2]]
     cuts = [int(max(i for i, t in enumerate(e.ids) if t == OUT)) + 1 for e in encs]  # each prompt ends at the test's OUT
     full = [(torch.as_tensor(e.ids), torch.as_tensor(e.pos)) for e in encs]
     ref = [m(ids[None], pos=pos[None])[0][0] for ids, pos in full]  # (L, V) each
