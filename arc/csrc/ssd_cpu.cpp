@@ -26,6 +26,7 @@
 
 #include <cmath>
 #include <type_traits>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -117,18 +118,23 @@ void with_state_size(int64_t n, F&& f) {
   }
 }
 
+// The raw pointers a forward reads (x, dt, A, B, C) and writes (state, y).
+template <typename T>
+std::tuple<const T*, const T*, const T*, const T*, const T*, T*, T*> forward_ptrs(
+    const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    at::Tensor& state, at::Tensor& y) {
+  return {x.data_ptr<T>(), dt.data_ptr<T>(), A.data_ptr<T>(), B.data_ptr<T>(), C.data_ptr<T>(), state.data_ptr<T>(),
+          y.data_ptr<T>()};
+}
+
 template <typename T, int N>
 void forward_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
                   const at::Tensor& C, at::Tensor& state, at::Tensor& y) {
   const Dims d = dims_of(x, B);
   const int64_t r = d.h / d.g;
-  const T* X = x.data_ptr<T>();
-  const T* DT = dt.data_ptr<T>();
-  const T* AA = A.data_ptr<T>();
-  const T* BB = B.data_ptr<T>();
-  const T* CC = C.data_ptr<T>();
-  T* S = state.data_ptr<T>();
-  T* Y = y.data_ptr<T>();
+  const T *X, *DT, *AA, *BB, *CC;
+  T *S, *Y;
+  std::tie(X, DT, AA, BB, CC, S, Y) = forward_ptrs<T>(x, dt, A, B, C, state, y);  // plain locals: C++17 lambdas may not capture structured bindings
   at::parallel_for(0, d.b * d.h, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t bi = bh / d.h, hi = bh % d.h, gi = hi / r;
@@ -155,13 +161,9 @@ void forward_t_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor&
   const Dims d = dims_of(x, B);
   const int64_t r = d.h / d.g;
   const int64_t n = N > 0 ? N : d.n, p = P > 0 ? P : d.p;
-  const T* X = x.data_ptr<T>();
-  const T* DT = dt.data_ptr<T>();
-  const T* AA = A.data_ptr<T>();
-  const T* BB = B.data_ptr<T>();
-  const T* CC = C.data_ptr<T>();
-  T* S = state.data_ptr<T>();
-  T* Y = y.data_ptr<T>();
+  const T *X, *DT, *AA, *BB, *CC;
+  T *S, *Y;
+  std::tie(X, DT, AA, BB, CC, S, Y) = forward_ptrs<T>(x, dt, A, B, C, state, y);  // plain locals: C++17 lambdas may not capture structured bindings
   at::parallel_for(0, d.b * d.h, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> st(n * p), xd_v(p), acc_v(p);
     for (int64_t bh = begin; bh < end; ++bh) {
