@@ -25,18 +25,28 @@ import torch.nn.functional as F
 from arc.config import help_field
 from arc.mamba2 import Mamba2, MambaPending, MambaPendingFused, MambaState, init_A_log, init_dt_bias
 from arc.loss import mean_loss
-from arc.tokens import (BLOCK_SIZE, N_KINDS, N_POS, POS_ALIGN, POS_COL, POS_KIND, POS_MCOL, POS_MROW, POS_ROW, POS_SIZE,
-                        VOCAB_SIZE)
+from arc.tokens import (BLOCK_SIZE, KIND_INPUT, N_KINDS, N_POS, POS_ALIGN, POS_COL, POS_KIND, POS_MCOL, POS_MROW,
+                        POS_ROW, POS_SIZE, VOCAB_SIZE)
 
 MAMBA, ATTENTION = "M", "A"
 
 
 # ---- config -------------------------------------------------------------------------------------
 GRID_ROPE_BASE = 100.0  # rows and columns run 0..31: a short range needs a small base
-ROPE_PARTS: dict[str, tuple[int | None, ...]] = {  # --rope: what each part of the head dims rotates by
-    "seq": (None,),
-    "grid": (None, POS_ROW, POS_COL),
-    "mirror": (None, POS_ROW, POS_COL, POS_MROW, POS_MCOL),
+# --rope: what each part of a head's dims rotates by, per group of heads (the heads split evenly
+# between the groups). A part rotates by the sequence index (None) or by a 2D channel of arc.tokens,
+# given as (the channel an input grid's tokens use, the channel every other token uses).
+RopePart = tuple[int, int] | None
+_ROW, _COL, _MROW, _MCOL = ((c, c) for c in (POS_ROW, POS_COL, POS_MROW, POS_MCOL))
+ROPE_GROUPS: dict[str, tuple[tuple[RopePart, ...], ...]] = {
+    "seq": ((None,),),
+    "grid": ((None, _ROW, _COL),),
+    "mirror": ((None, _ROW, _COL, _MROW, _MCOL),),
+    # the mirror heads, and as many heads that see every input grid transposed (an input cell (r, c)
+    # placed at row c, column r, and at the far-edge counts W-1-c, H-1-r): "the transposed / rotated
+    # cell of the input" is then a fixed relative offset too, so all 8 rotations and reflections are
+    "dihedral": ((None, _ROW, _COL, _MROW, _MCOL),
+                 (None, (POS_COL, POS_ROW), (POS_ROW, POS_COL), (POS_MCOL, POS_ROW), (POS_MROW, POS_COL))),
 }
 
 
@@ -63,7 +73,7 @@ class ModelConfig:
     # 2D structure, as inputs (arc.tokens computes each token's row, column, grid kind and aligned cell)
     grid_pos: bool = help_field(False, "add learned embeddings of each token's row, column and grid kind (input/output)")
     align_input: bool = help_field(False, "add an embedding of the input cell under the slot an output token's successor fills (same row and column of its pair's input grid)")
-    rope: Literal["seq", "grid", "mirror"] = help_field("seq", "attention rotary positions: seq = sequence index; grid = half the head dims by sequence index, a quarter by row, a quarter by column; mirror = half by sequence index, an eighth each by row, column, and the row and column counted from an input grid's far edges")
+    rope: Literal["seq", "grid", "mirror", "dihedral"] = help_field("seq", "attention rotary positions: seq = sequence index; grid = half the head dims by sequence index, a quarter by row, a quarter by column; mirror = half by sequence index, an eighth each by row, column, and the row and column counted from an input grid's far edges; dihedral = mirror in half the heads, and in the other half the same with every input grid transposed (so rotations and transpositions are fixed offsets too)")
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -80,7 +90,7 @@ class ModelConfig:
         need(isinstance(self.rope_base, (int, float)) and self.rope_base > 1.0, "rope_base", "must be > 1")
         for name in ("tie_embeddings", "grid_pos", "align_input"):
             need(isinstance(getattr(self, name), bool), name, "must be a bool")
-        need(self.rope in ROPE_PARTS, "rope", f"must be one of {sorted(ROPE_PARTS)}")
+        need(self.rope in ROPE_GROUPS, "rope", f"must be one of {sorted(ROPE_GROUPS)}")
         need(isinstance(self.layer_pattern, str) and len(self.layer_pattern) > 0
              and set(self.layer_pattern) <= {MAMBA, ATTENTION}, "layer_pattern", "must be a non-empty string of 'M' and 'A'")
         need(self.n_layer % len(self.layer_pattern) == 0, "layer_pattern",
@@ -92,10 +102,13 @@ class ModelConfig:
                  f"must divide the number of Mamba2 heads {d_inner // self.headdim}")
         if ATTENTION in self.layer_pattern:
             need(self.d_model % self.n_head == 0, "n_head", f"must divide d_model={self.d_model}")
-            parts = len(ROPE_PARTS[self.rope])  # half the head dims by sequence, the rest split evenly; all even
+            groups = ROPE_GROUPS[self.rope]
+            parts = len(groups[0])  # half the head dims by sequence, the rest split evenly; all even
             step = 2 if parts == 1 else 4 * (parts - 1)
             need((self.d_model // self.n_head) % step == 0, "n_head",
                  f"must leave a head dim divisible by {step} for --rope {self.rope}")
+            need(self.n_head % len(groups) == 0, "n_head",
+                 f"must split evenly into the {len(groups)} head groups of --rope {self.rope}")
 
     @property
     def uses_positions(self) -> bool:
@@ -173,17 +186,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 class Rotary(nn.Module):
     """Rotary position embedding (rotate-half form) over parts of the head dims, each rotated by one
-    position: the sequence index (``None``) or one of arc.tokens' 2D channels. Half the head dims
-    always follow the sequence index; :data:`ROPE_PARTS` lists how ``rope`` splits the rest. With
+    position: the sequence index or a 2D channel of arc.tokens (:data:`ROPE_GROUPS`, which may give
+    each group of heads its own channels). Half the head dims always follow the sequence index. With
     the row and column channels, "the same cell of another grid" is a fixed relative offset whatever
-    the distance in the sequence; with the mirrored ones, so is "the mirrored cell of the input"."""
+    the distance in the sequence; with the mirrored ones, so is "the mirrored cell of the input"; with
+    the transposed ones (``dihedral``), so is the transposed or rotated cell."""
 
     def __init__(self, head_dim: int, max_seq_len: int, base: float, rope: str = "seq") -> None:
         super().__init__()
-        channels = ROPE_PARTS[rope]
+        self.groups = ROPE_GROUPS[rope]
+        channels = self.groups[0]
         seq_dim = head_dim if len(channels) == 1 else head_dim // 2
         cell_dim = (head_dim - seq_dim) // max(len(channels) - 1, 1)
-        self.parts = [(seq_dim if c is None else cell_dim, c) for c in channels]  # (dims, channel)
+        self.dims = [seq_dim if c is None else cell_dim for c in channels]  # per part, the same in every group
         # not in the state dict: derived from the config, so checkpoints stay the learned weights only
         cos, sin = _rotary_table(seq_dim, max_seq_len, base)
         self.register_buffer("cos", cos, persistent=False)  # (T_max, seq_dim/2)
@@ -193,30 +208,43 @@ class Rotary(nn.Module):
             self.register_buffer("cell_cos", cos, persistent=False)  # (POS_SIZE, cell_dim/2)
             self.register_buffer("cell_sin", sin, persistent=False)
 
-    def tables(self, positions: torch.Tensor, pos: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each part's (cos, sin) at sequence positions (T,) shared or (B, T) per sequence and the 2D
-        channels ``pos`` (B, T, N_POS) when a part uses them: (T, d/2) or (B, 1, T, d/2), for
-        :meth:`apply` (the queries and the keys of one call share them)."""
+    def tables(self, positions: torch.Tensor, pos: torch.Tensor | None = None,
+               ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Each head group's parts' (cos, sin) at sequence positions (T,) shared or (B, T) per sequence
+        and the 2D channels ``pos`` (B, T, N_POS) when a part uses them: (T, d/2) or (B, 1, T, d/2),
+        for :meth:`apply` (the queries and the keys of one call share them)."""
         def per_head(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             out = table[index]  # (T, d/2) or (B, T, d/2)
             return out[:, None] if index.dim() == 2 else out  # (B, 1, T, d/2) broadcasts over heads
 
+        seq = (per_head(self.cos, positions), per_head(self.sin, positions))
         out = []
-        for _, channel in self.parts:
-            if channel is None:
-                out.append((per_head(self.cos, positions), per_head(self.sin, positions)))
-            else:
-                index = pos[..., channel]  # (B, T)
-                out.append((per_head(self.cell_cos, index), per_head(self.cell_sin, index)))
+        for parts in self.groups:
+            group = []
+            for part in parts:
+                if part is None:
+                    group.append(seq)
+                    continue
+                in_input, other = part
+                index = pos[..., other]  # (B, T)
+                if in_input != other:
+                    index = torch.where(pos[..., POS_KIND] == KIND_INPUT, pos[..., in_input], index)
+                group.append((per_head(self.cell_cos, index), per_head(self.cell_sin, index)))
+            out.append(group)
         return out
 
-    def apply(self, x: torch.Tensor, tables: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """x (B, H, T, hd) rotated by :meth:`tables` -> same shape and dtype."""
-        xf, start, out = x.float(), 0, []
-        for (dims, _), (cos, sin) in zip(self.parts, tables):
-            out.append(_rotate(xf[..., start:start + dims], cos, sin))
-            start += dims
-        return (out[0] if len(out) == 1 else torch.cat(out, dim=-1)).to(x.dtype)
+    def apply(self, x: torch.Tensor, tables: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+        """x (B, H, T, hd) rotated by :meth:`tables` -> same shape and dtype (head group g is the g-th
+        of len(tables) equal slices of the H heads)."""
+        xf, out = x.float(), []
+        heads = xf.chunk(len(tables), dim=1) if len(tables) > 1 else (xf,)
+        for xg, group in zip(heads, tables):
+            start, parts = 0, []
+            for dims, (cos, sin) in zip(self.dims, group):
+                parts.append(_rotate(xg[..., start:start + dims], cos, sin))
+                start += dims
+            out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
+        return (out[0] if len(out) == 1 else torch.cat(out, dim=1)).to(x.dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, H, T, hd) at sequence positions (T,) shared or (B, T) per sequence, and the 2D channels

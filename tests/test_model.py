@@ -382,7 +382,7 @@ def _instances(n: int, seed: int):
 
 
 @pytest.mark.parametrize("options", [dict(grid_pos=True), dict(align_input=True), dict(rope="grid"),
-                                     dict(grid_pos=True, align_input=True, rope="mirror")])
+                                     dict(grid_pos=True, align_input=True, rope="mirror"), dict(rope="dihedral")])
 @pytest.mark.parametrize("piece", [1, 10**6])
 def test_prefill_then_steps_equal_full_forward_with_2d_positions(options, piece, monkeypatch):
     from arc.tokens import OUT
@@ -409,7 +409,8 @@ def test_prefill_then_steps_equal_full_forward_with_2d_positions(options, piece,
             torch.testing.assert_close(logits[i], ref[i][c + t], rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(grid_pos=True, align_input=True, rope="mirror")])
+@pytest.mark.parametrize("options", [dict(), dict(grid_pos=True, align_input=True, rope="mirror"),
+                                     dict(rope="dihedral")])
 @pytest.mark.parametrize("fused", [True, False])
 def test_extend_then_commit_equals_steps_for_any_number_of_kept_tokens(options, fused, monkeypatch):
     """Speculative decoding's verification: T tokens per sequence in one extend give the logits of T
@@ -538,3 +539,46 @@ def test_mirror_rotary_makes_the_mirrored_input_cell_a_fixed_relative_offset():
         scores.append([score(out_at(c), in_at(width - 1 - c)) for c in range(min(width, 5))])  # the mirrored cells
         assert score(out_at(0), in_at(0)) < scores[-1][0] - 1e-3  # an unmirrored cell scores lower
     assert np.allclose(scores[0], scores[0][0]) and np.allclose(scores[1], scores[0][0])
+
+
+@pytest.mark.parametrize("rope", ["mirror", "dihedral"])
+def test_dihedral_rotary_makes_every_rotation_and_reflection_a_fixed_relative_offset(rope):
+    """For each of the 8 rotations/reflections of a 3x4 input, some head group has a row-like and a
+    column-like part in which every output cell's source cell in the input is at offset 0 (q.k of
+    rotated all-ones vectors is maximal only at offset 0). With rope='mirror' the 4 that transpose
+    the grid have none; with 'dihedral' all 8 do."""
+    import numpy as np
+
+    from arc.model import Rotary
+    from arc.tokens import encode_instance
+    rot = Rotary(32, 512, 10000.0, rope)
+    n_groups = len(rot.groups)
+    h, w = 3, 4
+    index = np.arange(h * w).reshape(h, w)  # an input cell's number
+    maps = [lambda g: g, np.fliplr, np.flipud, lambda g: np.rot90(g, 2), lambda g: g.T, np.rot90,
+            lambda g: np.rot90(g, 3), lambda g: np.rot90(g, 2).T]
+    found = []
+    for f in maps:
+        source = f(index)  # output cell -> the input cell it copies
+        enc = encode_instance([(index % 10, source % 10)], np.zeros((1, 1), int), np.zeros((1, 1), int))
+        pos = torch.as_tensor(enc.pos)[None]
+        in_at = lambda k: 2 + (k // w) * (w + 1) + k % w  # BOS, IN, then rows of w cells + ROW
+        out_start = 2 + h * (w + 1) + 1  # after the input's rows and OUT
+        ow = source.shape[1]
+        ones = torch.ones(1, n_groups, 1, 32)
+        def part_scores(i, j):  # (groups, parts): q.k of each part between tokens i and j
+            qi = rot(ones, torch.tensor([[i]]), pos[:, i:i + 1])[0, :, 0]
+            kj = rot(ones, torch.tensor([[j]]), pos[:, j:j + 1])[0, :, 0]
+            prod, start, out = qi * kj, 0, []
+            for dims in rot.dims:
+                out.append(prod[:, start:start + dims].sum(-1))
+                start += dims
+            return torch.stack(out, dim=1)
+        at_zero = torch.ones(n_groups, len(rot.dims), dtype=torch.bool)
+        for r in range(source.shape[0]):
+            for c in range(ow):
+                s = part_scores(out_start + r * (ow + 1) + c, in_at(int(source[r, c])))
+                at_zero &= torch.isclose(s, torch.tensor(rot.dims, dtype=torch.float32).expand_as(s), atol=1e-4)
+        cell = at_zero[:, 1:]  # the 2D parts
+        found.append(bool((cell.sum(dim=1) >= 2).any()))
+    assert found == ([True] * 4 + [False] * 4 if rope == "mirror" else [True] * 8)
