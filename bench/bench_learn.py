@@ -88,12 +88,36 @@ def score(model: HybridLM, pairs, device: torch.device) -> dict:
     }
 
 
+def parse_first(text: str | None, rules: list[str]) -> tuple[list[str], float] | None:
+    """``--first RULES@M`` -> (rules, M): train on those rules alone for the first M million tokens."""
+    if not text:
+        return None
+    names, at, million = text.rpartition("@")
+    first = CURRICULA.get(names, names.split(",")) if at else []
+    unknown = sorted(set(first) - set(rules))
+    try:
+        m = float(million)
+    except ValueError:
+        m = -1.0
+    if not at or not first or unknown or m <= 0:
+        raise SystemExit(f"--first {text!r}: expected RULES@MILLIONS with RULES among the curriculum's "
+                         f"({'not in it: ' + ', '.join(unknown) if unknown else 'e.g. flip_h,flip_v@2'})")
+    return first, m
+
+
 def run_arm(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, train_tasks: list[Task], pairs,
-            budgets: list[float], device: torch.device, log) -> list[dict]:
+            budgets: list[float], device: torch.device, log, first: tuple[list[str], float] | None = None,
+            ) -> list[dict]:
     torch.manual_seed(train_cfg.seed)
     model = HybridLM(model_cfg).to(device)
     loader = ArcDataLoader(train_tasks, block_size=model_cfg.max_seq_len, train=True, seed=train_cfg.seed,
                            **{k: getattr(train_cfg, k) for k in LOADER_FIELDS})
+    first_loader = None
+    if first is not None:  # a staged curriculum: some rules alone first, then the whole curriculum
+        subset = [t for t in train_tasks if t.source.split(":", 1)[1] in first[0]]
+        first_loader = ArcDataLoader(subset, block_size=model_cfg.max_seq_len, train=True, seed=train_cfg.seed,
+                                     **{k: getattr(train_cfg, k) for k in LOADER_FIELDS})
+        log(f"[{name}] the first {first[1]:g}M tokens on {','.join(first[0])} alone ({len(subset)} tasks)")
     probe = ArcDataLoader(train_tasks, block_size=model_cfg.max_seq_len, train=True, seed=train_cfg.seed + 1,
                           **{k: getattr(train_cfg, k) for k in LOADER_FIELDS})
     per_batch = np.mean([int((probe.next_batch().x != PAD).sum()) for _ in range(20)])
@@ -106,7 +130,8 @@ def run_arm(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, train_tas
     while next_budget < len(budgets):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(min(step, steps - 1), cfg)
-        x, y, pos = loader.next_batch().to(device)
+        source = first_loader if first_loader is not None and tokens < first[1] * 1e6 else loader
+        x, y, pos = source.next_batch().to(device)
         with autocast_for(cfg.dtype, device):
             logits, _ = model(x, pos=pos)
         loss = mean_loss(logits, y)
@@ -166,12 +191,16 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write every row to this JSON file")
     p.add_argument("--md", default=None, help="append the markdown table to this file")
     p.add_argument("--plot", default=None, help="write the curves to this PNG")
+    p.add_argument("--first", default=None, metavar="RULES@M",
+                   help="staged curriculum: train on these of the curriculum's rules alone for the first M million "
+                        "tokens, then on all of them (held-out tasks are always the whole curriculum's)")
     p.add_argument("--save", default=None, help="save each arm's final model to DIR/<arm>.pt (arc.checkpoint format)")
     args = p.parse_args()
 
     rules = CURRICULA.get(args.curriculum, args.curriculum.split(","))
     budgets = sorted(float(b) for b in args.budgets.split(","))
     arms = [parse_arm(a) for a in (args.arm or ["base"])]
+    first = parse_first(args.first, rules)
     device = torch.device("cpu")
     train_tasks = make_tasks(args.tasks, seed=args.seed, rules=rules)
     held = make_tasks(args.held_out, seed=args.seed + 1000, rules=rules)
@@ -186,7 +215,7 @@ def main() -> None:
         model_cfg = ModelConfig(**{**BASE_MODEL, **model_over})
         train_cfg = TrainConfig(**{**BASE_TRAIN, "seed": args.seed, **train_over})
         pairs = held_out_pairs(held, model_cfg.max_seq_len)
-        arm_rows, model = run_arm(name, model_cfg, train_cfg, train_tasks, pairs, budgets, device, log)
+        arm_rows, model = run_arm(name, model_cfg, train_cfg, train_tasks, pairs, budgets, device, log, first)
         rows += arm_rows
         if args.save:
             checkpoint.save_atomic({"model": model.state_dict(), "model_config": model_cfg.to_dict(),
@@ -205,7 +234,7 @@ def main() -> None:
 
     command = "python bench/bench_learn.py " + " ".join(
         [f"--curriculum {args.curriculum}", f"--budgets {args.budgets}", f"--tasks {args.tasks}", f"--held-out {args.held_out}"]
-        + [f"--arm {a}" for a in args.arm])
+        + ([f"--first {args.first}"] if args.first else []) + [f"--arm {a}" for a in args.arm])
     lines = [header(command),
              f"Curriculum: {', '.join(rules)} ({args.tasks} training tasks, {args.held_out} fresh held-out tasks). "
              f"Base model {BASE_MODEL}; base training {BASE_TRAIN}. Exact match = share of held-out test outputs "
