@@ -44,7 +44,8 @@ ROPE_GROUPS: dict[str, tuple[tuple[RopePart, ...], ...]] = {
     "mirror": ((None, _ROW, _COL, _MROW, _MCOL),),
     # the mirror heads, and as many heads that see every input grid transposed (an input cell (r, c)
     # placed at row c, column r, and at the far-edge counts W-1-c, H-1-r): "the transposed / rotated
-    # cell of the input" is then a fixed relative offset too, so all 8 rotations and reflections are
+    # cell of the input" is then a fixed relative offset too: each of the 8 rotations and reflections
+    # is one in some head (docs/BENCHMARKS.md section 17 measures it; the presets keep "mirror")
     "dihedral": ((None, _ROW, _COL, _MROW, _MCOL),
                  (None, (POS_COL, POS_ROW), (POS_ROW, POS_COL), (POS_MCOL, POS_ROW), (POS_MROW, POS_COL))),
 }

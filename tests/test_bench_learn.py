@@ -1,0 +1,68 @@
+"""bench/bench_learn.py's own logic: its arguments, and that a staged curriculum (``--first``)
+trains on the first rules alone, then on the whole curriculum."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import bench_learn  # noqa: E402  (bench/bench_learn.py)
+
+from arc.model import ModelConfig, preset  # noqa: E402
+from arc.synthetic import make_tasks  # noqa: E402
+from arc.trainer import TrainConfig  # noqa: E402
+
+RULES = ["flip_h", "flip_v", "rot90"]
+
+
+def test_first_parses_rules_and_millions_and_refuses_what_is_not_in_the_curriculum():
+    assert bench_learn.parse_first(None, RULES) is None
+    assert bench_learn.parse_first("flip_h,flip_v@2.5", RULES) == (["flip_h", "flip_v"], 2.5)
+    for bad in ("flip_h", "gravity@2", "flip_h@x", "flip_h@0", "@2"):
+        with pytest.raises(SystemExit, match="--first"):
+            bench_learn.parse_first(bad, RULES)
+
+
+def test_arm_field_values_are_parsed_into_their_configs():
+    name, model, train = bench_learn.parse_arm("d:rope=dihedral,n_head=8,augment=false,lr=0.001")
+    assert (name, model, train) == ("d", {"rope": "dihedral", "n_head": 8}, {"augment": False, "lr": 0.001})
+    with pytest.raises(SystemExit, match="not a ModelConfig or TrainConfig field"):
+        bench_learn.parse_arm("d:nonsense=1")
+
+
+def test_a_staged_curriculum_draws_the_first_rules_alone_until_its_budget(monkeypatch):
+    """Every batch before the switch comes from flip_h tasks alone; after it, from all the rules (the
+    probe batches that size the steps are drawn first, from all the rules, and are not counted)."""
+    seen: list[tuple[int, set[str]]] = []  # (tokens so far, rules of the batch's loader)
+    tokens = [0]
+    train = TrainConfig(**{**bench_learn.BASE_TRAIN, "dtype": "float32", "augment": False, "batch_size": 4})
+
+    class Recording(bench_learn.ArcDataLoader):  # knows the rules of the tasks it draws from
+        def __init__(self, tasks, **kwargs):
+            super().__init__(tasks, **kwargs)
+            self.rules = {t.source.split(":", 1)[1] for t in tasks}
+
+        def next_batch(self):
+            batch = super().next_batch()
+            if self.seed != train.seed:  # the probe that sizes the steps
+                return batch
+            seen.append((tokens[0], self.rules))
+            tokens[0] += int((batch.x != bench_learn.PAD).sum())
+            return batch
+
+    monkeypatch.setattr(bench_learn, "ArcDataLoader", Recording)
+    tasks = make_tasks(60, seed=3, rules=RULES)
+    held = make_tasks(3, seed=4, rules=RULES)
+    cfg = ModelConfig(**{**preset("tiny").to_dict(), "max_seq_len": 1024})
+    pairs = bench_learn.held_out_pairs(held, cfg.max_seq_len)
+    rows, _ = bench_learn.run_arm("t", cfg, train, tasks, pairs, [0.02], torch.device("cpu"), lambda m: None,
+                                  (["flip_h"], 0.01))
+    assert rows and rows[-1]["tokens"] >= 0.02e6
+    before = [r for t, r in seen if t < 0.01e6]
+    after = [r for t, r in seen if t >= 0.01e6]
+    assert before and after
+    assert set().union(*before) == {"flip_h"}
+    assert set().union(*after) - {"flip_h"}
