@@ -238,8 +238,7 @@ class Rotary(nn.Module):
         """x (B, H, T, hd) rotated by :meth:`tables` -> same shape and dtype (head group g is the g-th
         of len(tables) equal slices of the H heads)."""
         xf, out = x.float(), []
-        heads = xf.chunk(len(tables), dim=1) if len(tables) > 1 else (xf,)
-        for xg, group in zip(heads, tables):
+        for xg, group in zip(xf.chunk(len(tables), dim=1), tables):
             start, parts = 0, []
             for dims, (cos, sin) in zip(self.dims, group):
                 parts.append(_rotate(xg[..., start:start + dims], cos, sin))
