@@ -208,12 +208,17 @@ class Rotary(nn.Module):
             cos, sin = _rotary_table(cell_dim, POS_SIZE, GRID_ROPE_BASE)
             self.register_buffer("cell_cos", cos, persistent=False)  # (POS_SIZE, cell_dim/2)
             self.register_buffer("cell_sin", sin, persistent=False)
+        partner, start = [], 0  # each head dim's rotate-half partner within its part
+        for dims in self.dims:
+            half = dims // 2
+            partner += [start + half + i for i in range(half)] + [start + i for i in range(half)]
+            start += dims
+        self.register_buffer("partner", torch.tensor(partner), persistent=False)
 
-    def tables(self, positions: torch.Tensor, pos: torch.Tensor | None = None,
-               ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    def part_tables(self, positions: torch.Tensor, pos: torch.Tensor | None = None,
+                    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Each head group's parts' (cos, sin) at sequence positions (T,) shared or (B, T) per sequence
-        and the 2D channels ``pos`` (B, T, N_POS) when a part uses them: (T, d/2) or (B, 1, T, d/2),
-        for :meth:`apply` (the queries and the keys of one call share them)."""
+        and the 2D channels ``pos`` (B, T, N_POS) when a part uses them: (T, d/2) or (B, 1, T, d/2)."""
         def per_head(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             out = table[index]  # (T, d/2) or (B, T, d/2)
             return out[:, None] if index.dim() == 2 else out  # (B, 1, T, d/2) broadcasts over heads
@@ -234,17 +239,39 @@ class Rotary(nn.Module):
             out.append(group)
         return out
 
-    def apply(self, x: torch.Tensor, tables: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+    def tables(self, positions: torch.Tensor, pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole head's (cos, signed sin) for :meth:`apply`, from :meth:`part_tables`: (1 or B,
+        groups, 1, T, hd), each part's (cos, cos) and (-sin, sin) side by side, so a rotation is
+        ``x * cos + x[..., partner] * sin`` with one pass over x (the queries and keys share them)."""
+        cos, sin = [], []
+        for group in self.part_tables(positions, pos):
+            rank = max(c.dim() for c, _ in group)  # a part per sequence makes the whole group per sequence
+            parts = [(c, s) if c.dim() == rank else (c[None, None], s[None, None]) for c, s in group]
+            lead = torch.broadcast_shapes(*(c.shape[:-1] for c, _ in parts))
+            cos.append(torch.cat([c.expand(*lead, -1) for c, _ in parts for _ in (0, 1)], dim=-1))
+            sin.append(torch.cat([t.expand(*lead, -1) for _, s in parts for t in (-s, s)], dim=-1))
+        if cos[0].dim() == 2:  # shared (T, hd) -> (1, groups, 1, T, hd)
+            return torch.stack(cos)[None, :, None], torch.stack(sin)[None, :, None]
+        return torch.stack(cos, dim=1), torch.stack(sin, dim=1)  # (B, 1, T, hd) each -> (B, groups, 1, T, hd)
+
+    def apply(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x (B, H, T, hd) rotated by :meth:`tables` -> same shape and dtype (head group g is the g-th
-        of len(tables) equal slices of the H heads)."""
+        of the groups' equal slices of the H heads). :meth:`apply_reference` is its part-by-part twin."""
+        cos, sin = tables
+        b, h, t, hd = x.shape
+        xf = x.float().reshape(b, cos.shape[1], h // cos.shape[1], t, hd)
+        return (xf * cos + xf[..., self.partner] * sin).reshape(b, h, t, hd).to(x.dtype)
+
+    def apply_reference(self, x: torch.Tensor, part_tables: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+        """:meth:`apply`, part by part with :func:`_rotate` over :meth:`part_tables` (the parity twin)."""
         xf, out = x.float(), []
-        for xg, group in zip(xf.chunk(len(tables), dim=1), tables):
+        for xg, group in zip(xf.chunk(len(part_tables), dim=1), part_tables):
             start, parts = 0, []
             for dims, (cos, sin) in zip(self.dims, group):
                 parts.append(_rotate(xg[..., start:start + dims], cos, sin))
                 start += dims
-            out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
-        return (out[0] if len(out) == 1 else torch.cat(out, dim=1)).to(x.dtype)
+            out.append(torch.cat(parts, dim=-1))
+        return torch.cat(out, dim=1).to(x.dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, H, T, hd) at sequence positions (T,) shared or (B, T) per sequence, and the 2D channels

@@ -541,6 +541,33 @@ def test_mirror_rotary_makes_the_mirrored_input_cell_a_fixed_relative_offset():
     assert np.allclose(scores[0], scores[0][0]) and np.allclose(scores[1], scores[0][0])
 
 
+@pytest.mark.parametrize("rope", ["seq", "grid", "mirror", "dihedral"])
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_rotary_one_pass_equals_the_part_by_part_reference(rope, per_sequence):
+    """Rotary.apply (whole-head tables, one pass) equals apply_reference (each part rotated on its own
+    by _rotate) for every rope, with shared (T,) and per-sequence (B, T) positions, and keeps the norm."""
+    import numpy as np
+
+    from arc.model import Rotary
+    from arc.tokens import encode_instance
+    rot = Rotary(32, 512, 10000.0, rope)
+    rng = np.random.default_rng(0)
+    encs = [encode_instance([(rng.integers(0, 10, (h, w)), rng.integers(0, 10, (w, h)))], rng.integers(0, 10, (h, w)),
+                            rng.integers(0, 10, (w, h))) for h, w in ((3, 5), (4, 2))]
+    t = min(len(e.ids) for e in encs)
+    pos = torch.stack([torch.as_tensor(e.pos[:t]) for e in encs])  # (2, T, N_POS), two different layouts
+    positions = torch.arange(t) + 3
+    if per_sequence:
+        positions = torch.stack([positions, positions + 7])  # (2, T)
+    x = torch.randn(2, 4, t, 32, dtype=torch.bfloat16)
+    fast = rot.apply(x, rot.tables(positions, pos))
+    slow = rot.apply_reference(x, rot.part_tables(positions, pos))
+    assert fast.dtype == x.dtype and fast.shape == x.shape
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=0, atol=0)
+    torch.testing.assert_close(fast.float().norm(dim=-1), x.float().norm(dim=-1), rtol=2e-2, atol=0)
+    assert not torch.equal(fast, x)
+
+
 @pytest.mark.parametrize("rope", ["mirror", "dihedral"])
 def test_dihedral_rotary_makes_every_rotation_and_reflection_a_fixed_relative_offset(rope):
     """For each of the 8 rotations/reflections of a 3x4 input, some head group has a row-like and a
