@@ -23,11 +23,14 @@ import math
 import time
 from pathlib import Path
 
+from collections import Counter
+
 import numpy as np
 import torch
 
 from common import emit, header
 from arc import checkpoint, config
+from arc.augment import DIHEDRAL_NAMES, dihedral
 from arc.data import Task
 from arc.loader import ArcDataLoader
 from arc.loss import autocast_for, mean_loss
@@ -86,6 +89,43 @@ def score(model: HybridLM, pairs, device: torch.device) -> dict:
         "token_acc": sum(f.correct_tokens for f in forced) / sum(f.tokens for f in forced),
         "per_rule": {r: float(np.mean(v)) for r, v in sorted(per_rule.items())},
     }
+
+
+def miss_kind(answer: np.ndarray, test_input: np.ndarray, truth: np.ndarray) -> str:
+    """What a greedy answer is: ``right``; ``map <name>`` when it is exactly a rotation/reflection of
+    the test input (arc.augment.DIHEDRAL_NAMES; ``identity`` = the input copied) but not the truth;
+    ``shape`` when it has the truth's shape, other cells; ``wrong shape`` otherwise."""
+    if answer.shape == truth.shape and np.array_equal(answer, truth):
+        return "right"
+    for k, name in enumerate(DIHEDRAL_NAMES):
+        mapped = dihedral(test_input, k)
+        if mapped.shape == answer.shape and np.array_equal(mapped, answer):
+            return f"map {name}"
+    return "shape" if answer.shape == truth.shape else "wrong shape"
+
+
+def error_table(tasks: list[Task], preds) -> list[str]:
+    """Markdown rows, one per rule: how many greedy answers of each :func:`miss_kind`, and the mean
+    share of cells right among the answers of the right shape that are not right."""
+    kinds: dict[str, Counter] = {}
+    cells: dict[str, list[float]] = {}
+    for task, pred in zip(tasks, preds):
+        rule = task.source.split(":", 1)[1]
+        for pair, attempts in zip(task.test, pred.tests):
+            answer = attempts.attempt_1
+            kind = miss_kind(answer, pair.input, pair.output)
+            kinds.setdefault(rule, Counter())[kind] += 1
+            if kind != "right" and answer.shape == pair.output.shape:
+                cells.setdefault(rule, []).append(float((answer == pair.output).mean()))
+    lines = ["| rule | answers | right | right shape, other cells (mean cells right) | a rotation/reflection of the input | wrong shape |",
+             "|---|---|---|---|---|---|"]
+    for rule in sorted(kinds):
+        k = kinds[rule]
+        maps = ", ".join(f"{name[4:]} {n}" for name, n in sorted(k.items()) if name.startswith("map "))
+        near = cells.get(rule, [])
+        lines.append(f"| {rule} | {sum(k.values())} | {k['right']} | {k['shape']}"
+                     + (f" ({100 * np.mean(near):.0f}%)" if near else "") + f" | {maps or '-'} | {k['wrong shape']} |")
+    return lines
 
 
 def parse_first(text: str | None, rules: list[str]) -> tuple[list[str], float] | None:
@@ -188,6 +228,9 @@ def main() -> None:
     p.add_argument("--held-out", type=int, default=200, help="fresh held-out tasks")
     p.add_argument("--seed", type=int, default=1337, help="training data and weights; held-out tasks use seed + 1000")
     p.add_argument("--check", type=int, default=24, help="held-out tasks re-solved by greedy decoding to check the metric")
+    p.add_argument("--errors", type=int, default=0,
+                   help="greedy-decode this many held-out tasks after training (at least --check) and break the answers "
+                        "down per rule: right, right shape, a rotation/reflection of the input, wrong shape")
     p.add_argument("--json", default=None, help="write every row to this JSON file")
     p.add_argument("--md", default=None, help="append the markdown table to this file")
     p.add_argument("--plot", default=None, help="write the curves to this PNG")
@@ -210,7 +253,7 @@ def main() -> None:
         print(f"{time.time() - t_start:7.0f}s {msg}", flush=True)
 
     rows: list[dict] = []
-    checks = []
+    checks, errors = [], []
     for name, model_over, train_over in arms:
         model_cfg = ModelConfig(**{**BASE_MODEL, **model_over})
         train_cfg = TrainConfig(**{**BASE_TRAIN, "seed": args.seed, **train_over})
@@ -220,21 +263,24 @@ def main() -> None:
         if args.save:
             checkpoint.save_atomic({"model": model.state_dict(), "model_config": model_cfg.to_dict(),
                                     "train_config": config.to_dict(train_cfg)}, Path(args.save) / f"{name}.pt")
-        sample = held[: args.check]
+        sample = held[: max(args.check, args.errors)]
         # float32 decoding, as teacher_forced reads: the check compares the two metrics, not two precisions
-        greedy = [c for pred in solve_tasks(model.eval(), sample, SolveConfig(views=1, batch=8, dtype="float32"),
-                                            device=device, progress=False)
-                  for c in pred.correct]
+        preds = solve_tasks(model.eval(), sample, SolveConfig(views=1, batch=8, dtype="float32"), device=device,
+                            progress=False)
+        if args.errors:
+            errors.append((name, error_table(sample, preds)))
+        greedy = [c for pred in preds[: args.check] for c in pred.correct]
         forced = [f.exact for f in teacher_forced(model, [q for q, _, _ in pairs[: len(greedy)]],
                                                    [a for _, a, _ in pairs[: len(greedy)]], device)]
         checks.append((name, sum(g == f for g, f in zip(greedy, forced)), len(greedy), sum(greedy)))
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "base_model": BASE_MODEL, "base_train": BASE_TRAIN,
-                                                   "rows": rows}, indent=1))
+                                                   "rows": rows, "errors": dict(errors)}, indent=1))
 
     command = "python bench/bench_learn.py " + " ".join(
         [f"--curriculum {args.curriculum}", f"--budgets {args.budgets}", f"--tasks {args.tasks}", f"--held-out {args.held_out}"]
-        + ([f"--first {args.first}"] if args.first else []) + [f"--arm {a}" for a in args.arm])
+        + ([f"--seed {args.seed}"] if args.seed != 1337 else []) + ([f"--first {args.first}"] if args.first else [])
+        + ([f"--errors {args.errors}"] if args.errors else []) + [f"--arm {a}" for a in args.arm])
     lines = [header(command),
              f"Curriculum: {', '.join(rules)} ({args.tasks} training tasks, {args.held_out} fresh held-out tasks). "
              f"Base model {BASE_MODEL}; base training {BASE_TRAIN}. Exact match = share of held-out test outputs "
@@ -250,6 +296,8 @@ def main() -> None:
     lines.append("")
     lines += [f"Check against greedy decoding (arc.solve.solve_tasks, 1 view) on {n} held-out test inputs, arm {name}: "
               f"{agree}/{n} agree ({solved} solved)." for name, agree, n, solved in checks]
+    for name, table in errors:
+        lines += ["", f"Greedy answers on the first {args.errors} held-out tasks after training, arm {name}:", ""] + table
     if len(rules) > 1:
         lines += ["", "Per rule at the largest budget: " + "; ".join(
             f"{r['arm']}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["per_rule"].items())

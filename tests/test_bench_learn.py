@@ -66,3 +66,34 @@ def test_a_staged_curriculum_draws_the_first_rules_alone_until_its_budget(monkey
     assert before and after
     assert set().union(*before) == {"flip_h"}
     assert set().union(*after) - {"flip_h"}
+
+
+def test_miss_kind_names_a_rotation_or_reflection_of_the_input_and_near_misses():
+    import numpy as np
+    grid = np.array([[1, 2, 3], [4, 5, 6]])
+    truth = np.fliplr(grid)
+    assert bench_learn.miss_kind(truth.copy(), grid, truth) == "right"
+    assert bench_learn.miss_kind(grid.T.copy(), grid, truth) == "map transpose"
+    assert bench_learn.miss_kind(np.rot90(grid), grid, truth) == "map rot90"
+    assert bench_learn.miss_kind(grid.copy(), grid, truth) == "map identity"
+    near = truth.copy()
+    near[0, 0] = 9
+    assert bench_learn.miss_kind(near, grid, truth) == "shape"
+    assert bench_learn.miss_kind(np.zeros((3, 3), int), grid, truth) == "wrong shape"
+
+
+def test_error_table_counts_each_kind_per_rule():
+    import numpy as np
+
+    from arc.data import Pair, Task
+    from arc.solve import TaskPrediction, TestPrediction
+    grid = np.array([[1, 2], [3, 4], [5, 6]])
+    tasks = [Task(f"t{i}", (Pair(grid, np.flipud(grid)),), (Pair(grid, np.flipud(grid)),), source=f"synthetic:{rule}")
+             for i, rule in enumerate(["flip_v", "flip_v", "flip_v", "rot90"])]
+    near = np.flipud(grid).copy()
+    near[0, 0] = 0  # 5 of 6 cells right
+    answers = [np.flipud(grid), grid.T, near, np.zeros((1, 1), int)]
+    preds = [TaskPrediction(t.id, [TestPrediction(a, a, {}, None)], 0.0, 0) for t, a in zip(tasks, answers)]
+    table = bench_learn.error_table(tasks, preds)
+    assert table[2] == "| flip_v | 3 | 1 | 1 (83%) | transpose 1 | 0 |"
+    assert table[3] == "| rot90 | 1 | 0 | 0 | - | 1 |"
