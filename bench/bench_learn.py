@@ -10,9 +10,12 @@ trained from scratch on synthetic tasks of the curriculum's rules (arc/synthetic
 held-out tasks of the same rules (another seed, never trained on): the share whose test output greedy
 decoding would write exactly, measured by teacher forcing under the decoder's own grammar mask
 (arc.solve.teacher_forced: one forward pass; equal to greedy decoding, which is checked at the end on
-a sample with arc.solve.solve_tasks). The learning-rate schedule is planned for the largest budget,
-so the smaller budgets are points along one run. The x-axis is tokens, so curves compare across
-machines; wall time is printed too. Arms share seeds, tasks and budgets.
+a sample with arc.solve.solve_tasks). The learning-rate schedule is planned for the largest budget
+(or ``--plan M`` million tokens, to read a longer run's first points only), so the smaller budgets
+are points along one run. The x-axis is tokens, so curves compare across machines; wall time is
+printed too. Arms share seeds, tasks and budgets. ``--errors N`` breaks the greedy answers of N
+held-out tasks down per rule after training (right, near miss, which rotation/reflection of the
+input, wrong shape); ``--first RULES@M`` trains on some rules alone first (a staged curriculum).
 """
 from __future__ import annotations
 
@@ -147,7 +150,10 @@ def parse_first(text: str | None, rules: list[str]) -> tuple[list[str], float] |
 
 def run_arm(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, train_tasks: list[Task], pairs,
             budgets: list[float], device: torch.device, log, first: tuple[list[str], float] | None = None,
-            ) -> list[dict]:
+            plan: float = 0.0) -> list[dict]:
+    """Train one arm, scoring it at each budget (millions of tokens); the learning-rate schedule is
+    planned for ``max(plan, max(budgets))`` million tokens, so a run stopped early (``--plan``) reads
+    the same curve as a longer one up to its last budget."""
     torch.manual_seed(train_cfg.seed)
     model = HybridLM(model_cfg).to(device)
     loader = ArcDataLoader(train_tasks, block_size=model_cfg.max_seq_len, train=True, seed=train_cfg.seed,
@@ -161,8 +167,8 @@ def run_arm(name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, train_tas
     probe = ArcDataLoader(train_tasks, block_size=model_cfg.max_seq_len, train=True, seed=train_cfg.seed + 1,
                           **{k: getattr(train_cfg, k) for k in LOADER_FIELDS})
     per_batch = np.mean([int((probe.next_batch().x != PAD).sum()) for _ in range(20)])
-    steps = math.ceil(max(budgets) * 1e6 / per_batch)
-    cfg = dataclasses.replace(train_cfg, steps=steps)  # the schedule is planned for the largest budget
+    steps = math.ceil(max(plan, *budgets) * 1e6 / per_batch)
+    cfg = dataclasses.replace(train_cfg, steps=steps)  # the schedule is planned for the largest budget (or --plan)
     optimizer = make_optimizer(model, cfg, device)
     rows, tokens, t0, next_budget, losses = [], 0, time.time(), 0, []
     log(f"[{name}] {model.num_params() / 1e6:.2f}M parameters, ~{per_batch:.0f} real tokens per step, {steps} steps planned")
@@ -237,6 +243,9 @@ def main() -> None:
     p.add_argument("--first", default=None, metavar="RULES@M",
                    help="staged curriculum: train on these of the curriculum's rules alone for the first M million "
                         "tokens, then on all of them (held-out tasks are always the whole curriculum's)")
+    p.add_argument("--plan", type=float, default=0.0, metavar="M",
+                   help="plan the learning-rate schedule for M million tokens (default: the largest budget) and stop at "
+                        "the largest budget: the first budgets of a longer run's curve at a fraction of its cost")
     p.add_argument("--save", default=None, help="save each arm's final model to DIR/<arm>.pt (arc.checkpoint format)")
     args = p.parse_args()
 
@@ -258,7 +267,7 @@ def main() -> None:
         model_cfg = ModelConfig(**{**BASE_MODEL, **model_over})
         train_cfg = TrainConfig(**{**BASE_TRAIN, "seed": args.seed, **train_over})
         pairs = held_out_pairs(held, model_cfg.max_seq_len)
-        arm_rows, model = run_arm(name, model_cfg, train_cfg, train_tasks, pairs, budgets, device, log, first)
+        arm_rows, model = run_arm(name, model_cfg, train_cfg, train_tasks, pairs, budgets, device, log, first, args.plan)
         rows += arm_rows
         if args.save:
             checkpoint.save_atomic({"model": model.state_dict(), "model_config": model_cfg.to_dict(),
@@ -279,7 +288,8 @@ def main() -> None:
 
     command = "python bench/bench_learn.py " + " ".join(
         [f"--curriculum {args.curriculum}", f"--budgets {args.budgets}", f"--tasks {args.tasks}", f"--held-out {args.held_out}"]
-        + ([f"--seed {args.seed}"] if args.seed != 1337 else []) + ([f"--first {args.first}"] if args.first else [])
+        + ([f"--seed {args.seed}"] if args.seed != 1337 else []) + ([f"--plan {args.plan:g}"] if args.plan else [])
+        + ([f"--first {args.first}"] if args.first else [])
         + ([f"--errors {args.errors}"] if args.errors else []) + [f"--arm {a}" for a in args.arm])
     lines = [header(command),
              f"Curriculum: {', '.join(rules)} ({args.tasks} training tasks, {args.held_out} fresh held-out tasks). "

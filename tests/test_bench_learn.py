@@ -2,6 +2,7 @@
 trains on the first rules alone, then on the whole curriculum."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -66,6 +67,28 @@ def test_a_staged_curriculum_draws_the_first_rules_alone_until_its_budget(monkey
     assert before and after
     assert set().union(*before) == {"flip_h"}
     assert set().union(*after) - {"flip_h"}
+
+
+def test_plan_sets_the_schedule_without_training_past_the_last_budget(monkeypatch):
+    """--plan M: the learning-rate schedule is planned for M million tokens (twice the steps here),
+    while training stops at the largest budget, at the learning rate the longer run has there."""
+    tasks = make_tasks(40, seed=3, rules=RULES)
+    pairs = bench_learn.held_out_pairs(make_tasks(2, seed=4, rules=RULES), 1024)
+    cfg = ModelConfig(**{**preset("tiny").to_dict(), "max_seq_len": 1024})
+    train = TrainConfig(**{**bench_learn.BASE_TRAIN, "dtype": "float32", "augment": False, "batch_size": 4, "warmup": 2,
+                                  "cooldown": 0.5})
+    seen = []
+    real_lr_at = bench_learn.lr_at
+    monkeypatch.setattr(bench_learn, "lr_at", lambda step, c: seen.append((step, c.steps)) or real_lr_at(step, c))
+    runs = {}
+    for plan in (0.0, 0.02):
+        seen.clear()
+        rows, _ = bench_learn.run_arm("t", cfg, train, tasks, pairs, [0.01], torch.device("cpu"), lambda m: None, None, plan)
+        runs[plan] = (rows[-1]["step"], seen[-1][1], real_lr_at(seen[-1][0], dataclasses.replace(train, steps=seen[-1][1])))
+    (steps0, planned0, lr0), (steps1, planned1, lr1) = runs[0.0], runs[0.02]
+    assert abs(steps1 - steps0) <= 1 and steps0 <= planned0  # both stop at the 0.01M budget
+    assert planned1 >= 1.8 * planned0  # the schedule is planned for twice the tokens
+    assert lr1 == train.lr > lr0  # still at the peak where the shorter plan has cooled down
 
 
 def test_miss_kind_names_a_rotation_or_reflection_of_the_input_and_near_misses():
