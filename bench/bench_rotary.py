@@ -22,7 +22,8 @@ from bench_learn import BASE_MODEL
 from common import emit, header
 from arc.loader import ArcDataLoader
 from arc.loss import autocast_for, mean_loss
-from arc.model import HybridLM, ModelConfig, Rotary
+from arc.data import load_tasks
+from arc.model import HybridLM, ModelConfig, Rotary, preset
 from arc.synthetic import RULES, make_tasks
 
 
@@ -35,6 +36,9 @@ def reference_pair(self: Rotary, q, k, positions, pos=None):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ropes", default="mirror,dihedral", help="comma-separated ModelConfig.rope values")
+    p.add_argument("--preset", default=None, help="time this model preset (arc.model.preset, its own rope replaced "
+                   "by each --ropes) instead of the bench_learn recipe")
+    p.add_argument("--max-tokens", type=int, default=16384, help="padded tokens per batch")
     p.add_argument("--batches", type=int, default=4, help="loader batches per round (16 sequences each)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds over every arm (best kept)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -43,8 +47,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    loader = ArcDataLoader(make_tasks(400, seed=3, rules=list(RULES)), block_size=BASE_MODEL["max_seq_len"], train=True,
-                           seed=0, batch_size=16, max_tokens=16384, targets="outputs", augment=False)
+    base = preset(args.preset).to_dict() if args.preset else {**BASE_MODEL, "grid_pos": True, "align_input": True}
+    tasks = load_tasks("arc1", "train") if args.preset else make_tasks(400, seed=3, rules=list(RULES))
+    loader = ArcDataLoader(tasks, block_size=base["max_seq_len"], train=True, seed=0, batch_size=16,
+                           max_tokens=args.max_tokens, targets="outputs", augment=False)
     batches = [loader.next_batch() for _ in range(args.batches)]
     tokens = sum(int(b.x.numel()) for b in batches)
     fast_pair = Rotary.pair
@@ -66,7 +72,7 @@ def main() -> None:
     arms = {}
     for rope in args.ropes.split(","):
         torch.manual_seed(0)
-        model = HybridLM(ModelConfig(**BASE_MODEL, grid_pos=True, align_input=True, rope=rope))
+        model = HybridLM(ModelConfig(**{**base, "rope": rope}))
         with torch.no_grad():
             same = all(torch.equal(a, b) for a, b in zip(run(model, False, False), run(model, True, False)))
         if not same:
@@ -84,7 +90,8 @@ def main() -> None:
     base = min(arms[(args.ropes.split(",")[0], True)][1])
     lines = [header("python bench/bench_rotary.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()
                                                                 if v is not None and k != "md")),
-             f"Base recipe + grid_pos, align_input; {len(batches)} batches of 16 ({tokens} tokens incl. padding) "
+             f"{'Preset ' + args.preset + ' on ARC-AGI-1 training tasks' if args.preset else 'Base recipe + grid_pos, align_input on the suite'}; "
+             f"{len(batches)} batches of up to 16 sequences ({tokens} tokens incl. padding) "
              f"per round, forward + backward, bf16 autocast, best of {args.rounds} rounds. Logits equal between "
              "the two rotations (checked).\n",
              "| rope | rotation | s per round | ms per step | tokens/s | vs first rope, reference |",
