@@ -118,7 +118,7 @@ def error_table(tasks: list[Task], preds) -> list[str]:
             answer = attempts.attempt_1
             kind = miss_kind(answer, pair.input, pair.output)
             kinds.setdefault(rule, Counter())[kind] += 1
-            if kind != "right" and answer.shape == pair.output.shape:
+            if kind == "shape":
                 cells.setdefault(rule, []).append(float((answer == pair.output).mean()))
     lines = ["| rule | answers | right | right shape, other cells (mean cells right) | a rotation/reflection of the input | wrong shape |",
              "|---|---|---|---|---|---|"]
@@ -253,6 +253,9 @@ def main() -> None:
     budgets = sorted(float(b) for b in args.budgets.split(","))
     arms = [parse_arm(a) for a in (args.arm or ["base"])]
     first = parse_first(args.first, rules)
+    if args.plan and args.plan < max(budgets):
+        raise SystemExit(f"--plan {args.plan:g} is below the largest budget {max(budgets):g}: the schedule would be planned "
+                         "for the budget anyway (drop --plan, or plan at least as far as the last budget)")
     device = torch.device("cpu")
     train_tasks = make_tasks(args.tasks, seed=args.seed, rules=rules)
     held = make_tasks(args.held_out, seed=args.seed + 1000, rules=rules)
@@ -277,7 +280,7 @@ def main() -> None:
         preds = solve_tasks(model.eval(), sample, SolveConfig(views=1, batch=8, dtype="float32"), device=device,
                             progress=False)
         if args.errors:
-            errors.append((name, error_table(sample, preds)))
+            errors.append((name, error_table(sample[: args.errors], preds[: args.errors])))
         greedy = [c for pred in preds[: args.check] for c in pred.correct]
         forced = [f.exact for f in teacher_forced(model, [q for q, _, _ in pairs[: len(greedy)]],
                                                    [a for _, a, _ in pairs[: len(greedy)]], device)]
@@ -307,7 +310,8 @@ def main() -> None:
     lines += [f"Check against greedy decoding (arc.solve.solve_tasks, 1 view) on {n} held-out test inputs, arm {name}: "
               f"{agree}/{n} agree ({solved} solved)." for name, agree, n, solved in checks]
     for name, table in errors:
-        lines += ["", f"Greedy answers on the first {args.errors} held-out tasks after training, arm {name}:", ""] + table
+        lines += ["", f"Greedy answers on the first {min(args.errors, len(held))} held-out tasks after training, arm {name}:",
+                  ""] + table
     if len(rules) > 1:
         lines += ["", "Per rule at the largest budget: " + "; ".join(
             f"{r['arm']}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["per_rule"].items())

@@ -79,6 +79,7 @@ def main() -> None:
             raise SystemExit(f"rope={rope}: the one-pass and the reference rotation gave different logits")
         for reference in (True, False):
             run(model, reference)  # warm-up, untimed
+            model.zero_grad(set_to_none=True)
             arms[(rope, reference)] = (model, [])
     for _ in range(args.rounds):
         for (rope, reference), (model, times) in arms.items():
@@ -88,7 +89,7 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
 
     base = min(arms[(args.ropes.split(",")[0], True)][1])
-    lines = [header("python bench/bench_rotary.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()
+    lines = [header("python bench/bench_rotary.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                 if v is not None and k != "md")),
              f"{'Preset ' + args.preset + ' on ARC-AGI-1 training tasks' if args.preset else 'Base recipe + grid_pos, align_input on the suite'}; "
              f"{len(batches)} batches of up to 16 sequences ({tokens} tokens incl. padding) "
