@@ -24,9 +24,8 @@ import dataclasses
 import json
 import math
 import time
-from pathlib import Path
-
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -235,8 +234,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1337, help="training data and weights; held-out tasks use seed + 1000")
     p.add_argument("--check", type=int, default=24, help="held-out tasks re-solved by greedy decoding to check the metric")
     p.add_argument("--errors", type=int, default=0,
-                   help="greedy-decode this many held-out tasks after training (at least --check) and break the answers "
-                        "down per rule: right, right shape, a rotation/reflection of the input, wrong shape")
+                   help="after training, break the greedy answers of the first N held-out tasks down per rule: right, "
+                        "right shape (mean cells right), a rotation/reflection of the input, wrong shape")
     p.add_argument("--json", default=None, help="write every row to this JSON file")
     p.add_argument("--md", default=None, help="append the markdown table to this file")
     p.add_argument("--plot", default=None, help="write the curves to this PNG")
