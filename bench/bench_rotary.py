@@ -20,9 +20,9 @@ import torch
 
 from bench_learn import BASE_MODEL
 from common import emit, header
+from arc.data import load_tasks
 from arc.loader import ArcDataLoader
 from arc.loss import autocast_for, mean_loss
-from arc.data import load_tasks
 from arc.model import HybridLM, ModelConfig, Rotary, preset
 from arc.synthetic import RULES, make_tasks
 
@@ -47,9 +47,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    base = preset(args.preset).to_dict() if args.preset else {**BASE_MODEL, "grid_pos": True, "align_input": True}
+    shape = preset(args.preset).to_dict() if args.preset else {**BASE_MODEL, "grid_pos": True, "align_input": True}
     tasks = load_tasks("arc1", "train") if args.preset else make_tasks(400, seed=3, rules=list(RULES))
-    loader = ArcDataLoader(tasks, block_size=base["max_seq_len"], train=True, seed=0, batch_size=16,
+    loader = ArcDataLoader(tasks, block_size=shape["max_seq_len"], train=True, seed=0, batch_size=16,
                            max_tokens=args.max_tokens, targets="outputs", augment=False)
     batches = [loader.next_batch() for _ in range(args.batches)]
     tokens = sum(int(b.x.numel()) for b in batches)
@@ -72,7 +72,7 @@ def main() -> None:
     arms = {}
     for rope in args.ropes.split(","):
         torch.manual_seed(0)
-        model = HybridLM(ModelConfig(**{**base, "rope": rope}))
+        model = HybridLM(ModelConfig(**{**shape, "rope": rope}))
         with torch.no_grad():
             same = all(torch.equal(a, b) for a, b in zip(run(model, False, False), run(model, True, False)))
         if not same:
@@ -88,7 +88,7 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
             model.zero_grad(set_to_none=True)
 
-    base = min(arms[(args.ropes.split(",")[0], True)][1])
+    baseline = min(arms[(args.ropes.split(",")[0], True)][1])
     lines = [header("python bench/bench_rotary.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                 if v is not None and k != "md")),
              f"{'Preset ' + args.preset + ' on ARC-AGI-1 training tasks' if args.preset else 'Base recipe + grid_pos, align_input on the suite'}; "
@@ -100,7 +100,7 @@ def main() -> None:
     for (rope, reference), (_, times) in arms.items():
         best = min(times)
         lines.append(f"| {rope} | {'part by part (reference)' if reference else 'one pass'} | {best:.2f} | "
-                     f"{best / len(batches) * 1000:.0f} | {tokens / best:,.0f} | {base / best:.2f}x |")
+                     f"{best / len(batches) * 1000:.0f} | {tokens / best:,.0f} | {baseline / best:.2f}x |")
     emit("\n".join(lines), args.md)
 
 
