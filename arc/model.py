@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from arc.config import help_field
 from arc.mamba2 import Mamba2, MambaPending, MambaPendingFused, MambaState, init_A_log, init_dt_bias
 from arc.loss import mean_loss
-from arc.tokens import (BLOCK_SIZE, KIND_INPUT, N_KINDS, N_POS, POS_ALIGN, POS_COL, POS_KIND, POS_MCOL, POS_MROW,
-                        POS_ROW, POS_SIZE, VOCAB_SIZE)
+from arc.tokens import (BLOCK_SIZE, KIND_INPUT, N_KINDS, N_MAPS, N_POS, POS_ALIGN, POS_COL, POS_KIND, POS_MAPS, POS_MCOL,
+                        POS_MROW, POS_ROW, POS_SIZE, VOCAB_SIZE)
 
 MAMBA, ATTENTION = "M", "A"
 
@@ -74,6 +74,7 @@ class ModelConfig:
     # 2D structure, as inputs (arc.tokens computes each token's row, column, grid kind and aligned cell)
     grid_pos: bool = help_field(False, "add learned embeddings of each token's row, column and grid kind (input/output)")
     align_input: bool = help_field(False, "add an embedding of the input cell under the slot an output token's successor fills (same row and column of its pair's input grid)")
+    align_maps: bool = help_field(False, "also add embeddings of the input cells that slot reads under each of the 7 other rotations and reflections of the input grid (arc.tokens POS_MAPS)")
     rope: Literal["seq", "grid", "mirror", "dihedral"] = help_field("seq", "attention rotary positions: seq = sequence index; grid = half the head dims by sequence index, a quarter by row, a quarter by column; mirror = half by sequence index, an eighth each by row, column, and the row and column counted from an input grid's far edges; dihedral = mirror in half the heads, and in the other half the same with every input grid transposed (so rotations and transpositions are fixed offsets too)")
 
     def __post_init__(self) -> None:
@@ -89,7 +90,7 @@ class ModelConfig:
         need(isinstance(self.d_conv, int) and self.d_conv >= 2, "d_conv", "must be an integer >= 2")
         need(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(isinstance(self.rope_base, (int, float)) and self.rope_base > 1.0, "rope_base", "must be > 1")
-        for name in ("tie_embeddings", "grid_pos", "align_input"):
+        for name in ("tie_embeddings", "grid_pos", "align_input", "align_maps"):
             need(isinstance(getattr(self, name), bool), name, "must be a bool")
         need(self.rope in ROPE_GROUPS, "rope", f"must be one of {sorted(ROPE_GROUPS)}")
         need(isinstance(self.layer_pattern, str) and len(self.layer_pattern) > 0
@@ -114,7 +115,13 @@ class ModelConfig:
     @property
     def uses_positions(self) -> bool:
         """True when the model needs the 2D position channels of arc.tokens with its ids."""
-        return self.grid_pos or self.align_input or self.rope != "seq"
+        return self.grid_pos or self.align_input or self.align_maps or self.rope != "seq"
+
+    @property
+    def align_channels(self) -> list[int]:
+        """The position channels whose offsets point back at input cells the model embeds:
+        POS_ALIGN with align_input, then the POS_MAPS channels with align_maps."""
+        return [POS_ALIGN] * self.align_input + list(range(POS_MAPS, POS_MAPS + N_MAPS)) * self.align_maps
 
     @property
     def layer_kinds(self) -> str:
@@ -452,7 +459,7 @@ class InferenceCache:
     layers: list[MambaState | KVCache]
     lengths: torch.Tensor  # (B,) long: tokens seen so far = the position of the next token
     capacity: int  # slots per sequence in the KV caches: the longest prompt + max_new_tokens
-    tokens: torch.Tensor | None = None  # (B, capacity) every id fed so far, kept when align_input looks back
+    tokens: torch.Tensor | None = None  # (B, capacity) every id fed so far, kept when align channels look back
 
     @property
     def batch_size(self) -> int:
@@ -503,6 +510,8 @@ class HybridLM(nn.Module):
             self.kind_embedding = nn.Embedding(N_KINDS, cfg.d_model)
         if cfg.align_input:  # the aligned input cell's id, or vocab_size for "no aligned cell"
             self.align_embedding = nn.Embedding(cfg.vocab_size + 1, cfg.d_model)
+        if cfg.align_maps:  # one table per map, stacked: map k's rows start at k * (vocab_size + 1)
+            self.map_embedding = nn.Embedding(N_MAPS * (cfg.vocab_size + 1), cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(kind, cfg, i) for i, kind in enumerate(cfg.layer_kinds))
         self.norm_f = RMSNorm(cfg.d_model)
@@ -521,6 +530,7 @@ class HybridLM(nn.Module):
         embedding.weight                  N(0, 0.02); also the output head when tied
         row/col/kind_embedding.weight     N(0, 0.02) (grid_pos)
         align_embedding.weight            N(0, 0.02) (align_input)
+        map_embedding.weight              N(0, 0.02) (align_maps)
         lm_head.weight (untied)           N(0, 0.02)
         \\*.norm.weight, norm2, norm_f     1 (RMSNorm; the Mamba2 gated norm too)
         attention mixer.in_proj.weight    N(0, 0.02)
@@ -538,7 +548,7 @@ class HybridLM(nn.Module):
         std = 0.02
         residual_std = std / math.sqrt(2 * self.cfg.n_layer)
         nn.init.normal_(self.embedding.weight, 0.0, std)
-        for name in ("row_embedding", "col_embedding", "kind_embedding", "align_embedding"):
+        for name in ("row_embedding", "col_embedding", "kind_embedding", "align_embedding", "map_embedding"):
             if hasattr(self, name):
                 nn.init.normal_(getattr(self, name).weight, 0.0, std)
         if not self.cfg.tie_embeddings:
@@ -581,25 +591,39 @@ class HybridLM(nn.Module):
 
     def embed(self, idx: torch.Tensor, pos: torch.Tensor | None, aligned: torch.Tensor | None) -> torch.Tensor:
         """Token ids (...,) plus their 2D channels pos (..., N_POS) -> float32 input vectors (..., C).
-        ``aligned`` (...,): the id of each token's aligned input cell (vocab_size where there is
-        none), needed only with align_input."""
+        ``aligned`` (..., K): the ids of the input cells each token's :attr:`ModelConfig.align_channels`
+        point at (vocab_size where there is none), needed only with align_input or align_maps."""
         x = self.embedding(idx).float()  # (..., C)
         if self.cfg.grid_pos:
             x = x + self.row_embedding(pos[..., POS_ROW]) + self.col_embedding(pos[..., POS_COL]) \
                 + self.kind_embedding(pos[..., POS_KIND])
         if self.cfg.align_input:
-            x = x + self.align_embedding(aligned)
+            x = x + self.align_embedding(aligned[..., 0])
+        if self.cfg.align_maps:
+            maps = aligned[..., -N_MAPS:] + self._map_rows  # (..., N_MAPS) rows of map_embedding
+            x = x + F.embedding_bag(maps.reshape(-1, N_MAPS), self.map_embedding.weight, mode="sum").view(x.shape)
         return x
 
+    @property
+    def _map_rows(self) -> torch.Tensor:
+        """(N_MAPS,) where each map's table starts in map_embedding."""
+        return torch.arange(N_MAPS, device=self.map_embedding.weight.device) * (self.cfg.vocab_size + 1)
+
+    def _look_back(self, ids: torch.Tensor, at: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+        """ids (B, S) of sequence slots, positions at (B, ...) and offsets back (B, ..., K) -> the ids
+        ``back`` slots before ``at`` (B, ..., K), vocab_size where back is 0 (nothing aligned)."""
+        source = (at.unsqueeze(-1) - back).clamp(min=0)
+        found = ids.gather(1, source.reshape(ids.shape[0], -1)).view(source.shape)
+        return torch.where(back > 0, found, torch.full_like(found, self.cfg.vocab_size))
+
     def aligned_ids(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
-        """For a batch idx (B, T) with channels pos (B, T, N_POS): the id POS_ALIGN points back to at
-        each position, or vocab_size where it is 0 (B, T). None without align_input."""
-        if not self.cfg.align_input:
+        """For a batch idx (B, T) with channels pos (B, T, N_POS): the ids the align channels point
+        back to at each position, vocab_size where they are 0 (B, T, K). None without them."""
+        channels = self.cfg.align_channels
+        if not channels:
             return None
-        back = pos[..., POS_ALIGN]  # (B, T)
-        source = torch.arange(idx.shape[1], device=idx.device) - back  # (B, T) index of the aligned cell
-        ids = idx.gather(1, source.clamp(min=0))
-        return torch.where(back > 0, ids, torch.full_like(ids, self.cfg.vocab_size))
+        at = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)  # (B, T)
+        return self._look_back(idx, at, pos[..., channels])
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, pos: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -698,7 +722,7 @@ class HybridLM(nn.Module):
         layers: list[MambaState | KVCache | None] = [None] * len(self.layers)
         logits = torch.empty(batch, self.cfg.vocab_size, device=device)
         tokens = None
-        if self.cfg.align_input:  # align_input looks back at earlier ids while decoding
+        if self.cfg.align_channels:  # the align channels look back at earlier ids while decoding
             tokens = torch.zeros(batch, capacity, dtype=torch.long, device=device)
         pieces = []  # (rows of one length, at most about PREFILL_TOKENS tokens together)
         for length in sorted(set(lengths.tolist())):
@@ -739,9 +763,7 @@ class HybridLM(nn.Module):
         if cache.tokens is not None:
             rows = torch.arange(cache.batch_size, device=tokens.device)
             cache.tokens[rows, cache.lengths] = tokens
-            back = pos[:, POS_ALIGN]  # (B,)
-            source = cache.tokens[rows, (cache.lengths - back).clamp(min=0)]  # (B,)
-            aligned = torch.where(back > 0, source, torch.full_like(source, self.cfg.vocab_size))
+            aligned = self._look_back(cache.tokens, cache.lengths, pos[:, self.cfg.align_channels])  # (B, K)
         x = self.embed(tokens, pos, aligned)  # (B, C)
         for block, state in zip(self.layers, cache.layers):
             x = block.step(x, state, cache.lengths, pos, used=longest + 1)
@@ -770,9 +792,7 @@ class HybridLM(nn.Module):
             rows = torch.arange(cache.batch_size, device=tokens.device)[:, None]
             where = cache.lengths[:, None] + torch.arange(t, device=tokens.device)  # (B, T)
             cache.tokens[rows, where] = tokens
-            back = pos[..., POS_ALIGN]  # (B, T)
-            source = cache.tokens[rows, (where - back).clamp(min=0)]  # (B, T)
-            aligned = torch.where(back > 0, source, torch.full_like(source, self.cfg.vocab_size))
+            aligned = self._look_back(cache.tokens, where, pos[..., self.cfg.align_channels])  # (B, T, K)
         x = self.embed(tokens, pos, aligned)  # (B, T, C)
         pending = []
         for block, state in zip(self.layers, cache.layers):

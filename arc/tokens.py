@@ -33,6 +33,9 @@ grid (``Encoded.pos``, :func:`layout_positions`, and :class:`LayoutTracker` whil
                tokens: their row, as POS_ROW; NO_POS for markers
     POS_MCOL   input-grid cells: the column counted from the right edge (W-1-c; NO_POS for ROW);
                output-grid tokens: their column, as POS_COL; NO_POS for markers
+    POS_MAPS   N_MAPS channels, one per rotation/reflection of :data:`MAPS`: as POS_ALIGN, but back
+               to the input cell that would fill the cursor's slot if the output were that map of
+               the input (flip_h: the cursor (r, c) reads the input at (r, W-1-c)); 0 when outside
 
 The mirrored channels place an input grid's cells as if reflected, so that "the mirrored cell of
 the input" is a fixed relative offset for an output token (an input grid is given whole before any
@@ -60,13 +63,17 @@ MAX_GRID_TOKENS = MAX_SIDE * (MAX_SIDE + 1) + 1  # a 30x30 grid's rows, row ends
 
 TOKEN_NAMES = {PAD: "PAD", ROW: "ROW", IN: "IN", OUT: "OUT", EOO: "EOO", BOS: "BOS"}
 # 2D position channels (see the module docstring)
-POS_ROW, POS_COL, POS_KIND, POS_ALIGN, POS_MROW, POS_MCOL = 0, 1, 2, 3, 4, 5
-N_POS = 6
+POS_ROW, POS_COL, POS_KIND, POS_ALIGN, POS_MROW, POS_MCOL, POS_MAPS = 0, 1, 2, 3, 4, 5, 6
+# The rotations and reflections other than the identity, as maps of an input grid (np.rot90 turns
+# counter-clockwise); MAP_CELLS gives, for each, the input cell an output cell (r, c) reads.
+MAPS = ("flip_h", "flip_v", "rot180", "transpose", "antitranspose", "rot90", "rot270")
+N_MAPS = len(MAPS)
+N_POS = POS_MAPS + N_MAPS
 NO_POS = MAX_SIDE + 1  # row/column of a token outside any grid; rows use 0..29, columns 0..30
 POS_SIZE = NO_POS + 1  # row and column ids are < POS_SIZE
 KIND_NONE, KIND_INPUT, KIND_OUTPUT = 0, 1, 2
 N_KINDS = 3
-NO_GRID_POS = (NO_POS, NO_POS, KIND_NONE, 0, NO_POS, NO_POS)  # the channels of BOS and PAD
+NO_GRID_POS = (NO_POS, NO_POS, KIND_NONE, 0, NO_POS, NO_POS) + (0,) * N_MAPS  # the channels of BOS and PAD
 Targets = Literal["test", "outputs"]
 TARGET_CHOICES = ("test", "outputs")
 
@@ -137,9 +144,10 @@ def _input_positions(shape: tuple[int, int]) -> np.ndarray:
     """Positions of ``IN <rows>`` for an input grid of this shape: (1 + H*(W+1), N_POS)."""
     h, w = shape
     pos = np.empty((1 + h * (w + 1), N_POS), dtype=np.int64)
-    pos[0] = (NO_POS, NO_POS, KIND_INPUT, 0, NO_POS, NO_POS)
+    pos[0] = (NO_POS, NO_POS, KIND_INPUT, 0, NO_POS, NO_POS) + (0,) * N_MAPS
     rows, cols = np.repeat(np.arange(h), w + 1), np.tile(np.arange(w + 1), h)
     pos[1:, POS_ROW], pos[1:, POS_COL], pos[1:, POS_KIND], pos[1:, POS_ALIGN] = rows, cols, KIND_INPUT, 0
+    pos[1:, POS_MAPS:] = 0
     pos[1:, POS_MROW] = h - 1 - rows
     pos[1:, POS_MCOL] = np.where(cols < w, w - 1 - cols, NO_POS)
     return pos
@@ -155,6 +163,24 @@ def _aligned_offset(cursor_row: np.ndarray, cursor_col: np.ndarray, at: np.ndarr
     return np.where(inside, at - source, 0)
 
 
+def map_cells(r, c, h, w) -> list[tuple]:
+    """For each of :data:`MAPS`, the input cell (row, col) that output cell (r, c) reads when the
+    output is that map of an h x w input. Elementwise: numbers, numpy arrays or torch tensors."""
+    return [(r, w - 1 - c), (h - 1 - r, c), (h - 1 - r, w - 1 - c), (c, r), (h - 1 - c, w - 1 - r),
+            (c, w - 1 - r), (h - 1 - c, r)]
+
+
+def _map_offsets(where, cursor_row, cursor_col, at, in_start, h, w, valid=True) -> list:
+    """The POS_MAPS channels (a list of N_MAPS arrays or tensors): for each map, the distance from
+    ``at`` back to the input cell its slot reads (:func:`map_cells`), or 0 where that cell is
+    outside the input grid or ``valid`` is false. ``where`` is np.where or torch.where."""
+    out = []
+    for r, c in map_cells(cursor_row, cursor_col, h, w):
+        inside = (r >= 0) & (r < h) & (c >= 0) & (c < w) & valid
+        out.append(where(inside, at - (in_start + 1 + r * (w + 1) + c), 0 * at))
+    return out
+
+
 def _output_positions(shape: tuple[int, int] | None, start: int, in_start: int, in_shape: tuple[int, int]) -> np.ndarray:
     """Positions of ``OUT <rows> EOO`` whose OUT marker is at sequence index ``start``, for an
     output grid of ``shape``; ``shape=None``: the OUT marker alone, as a prompt ends."""
@@ -162,7 +188,7 @@ def _output_positions(shape: tuple[int, int] | None, start: int, in_start: int, 
     rows, cols = np.repeat(np.arange(h), w + 1), np.tile(np.arange(w + 1), h)  # (H*(W+1),) each
     n = 1 + len(rows) + (shape is not None)  # OUT, the grid's tokens, EOO
     pos = np.empty((n, N_POS), dtype=np.int64)
-    pos[:] = (NO_POS, NO_POS, KIND_OUTPUT, 0, NO_POS, NO_POS)
+    pos[:] = (NO_POS, NO_POS, KIND_OUTPUT, 0, NO_POS, NO_POS) + (0,) * N_MAPS
     pos[1:1 + len(rows), POS_ROW], pos[1:1 + len(rows), POS_COL] = rows, cols
     pos[1:1 + len(rows), POS_MROW], pos[1:1 + len(rows), POS_MCOL] = rows, cols
     row_end = cols == w
@@ -170,6 +196,8 @@ def _output_positions(shape: tuple[int, int] | None, start: int, in_start: int, 
     cursor_col = np.concatenate([[0], np.where(row_end, 0, cols + 1)])
     at = start + np.arange(len(cursor_row))
     pos[: len(cursor_row), POS_ALIGN] = _aligned_offset(cursor_row, cursor_col, at, in_start, in_shape)
+    maps = _map_offsets(np.where, cursor_row, cursor_col, at, in_start, *in_shape)
+    pos[: len(cursor_row), POS_MAPS:] = np.stack(maps, axis=1)
     return pos
 
 
@@ -285,6 +313,16 @@ def _align(state: _Parse, cursor_row: int, cursor_col: int, at: int) -> int:
     return at - (state.in_start + 1 + cursor_row * (w + 1) + cursor_col)
 
 
+def _align_maps(state: _Parse, cursor_row: int, cursor_col: int, at: int) -> list[int]:
+    """The POS_MAPS channels of one token (the reference parser's, scalar by scalar)."""
+    h, w = state.in_shape
+    out = []
+    for r, c in map_cells(cursor_row, cursor_col, h, w):
+        inside = state.kind == KIND_OUTPUT and 0 <= r < h and 0 <= c < w
+        out.append(at - (state.in_start + 1 + r * (w + 1) + c) if inside else 0)
+    return out
+
+
 def layout_positions(ids: Sequence[int]) -> tuple[np.ndarray, _Parse]:
     """The 2D position channels of every token, read from the ids alone, token by token (an input
     grid's mirrored channels are filled in when its OUT gives its shape): the reference twin of the
@@ -293,7 +331,8 @@ def layout_positions(ids: Sequence[int]) -> tuple[np.ndarray, _Parse]:
     vocabulary."""
     state = _Parse()
     out = np.empty((len(ids), N_POS), dtype=np.int64)
-    out[:, POS_MROW:] = NO_POS
+    out[:, POS_MROW:POS_MAPS] = NO_POS
+    out[:, POS_MAPS:] = 0
     grid_tokens_at: list[int] = []  # indices of the current input grid's cells and ROWs
 
     def mirror_input_grid() -> None:
@@ -308,7 +347,8 @@ def layout_positions(ids: Sequence[int]) -> tuple[np.ndarray, _Parse]:
             cursor = (state.row, state.col + 1) if tok != ROW else (state.row + 1, 0)
             out[i, :POS_MROW] = (state.row, state.col, state.kind, _align(state, *cursor, i))
             if state.kind == KIND_OUTPUT:
-                out[i, POS_MROW:] = (state.row, state.col)
+                out[i, POS_MROW:POS_MAPS] = (state.row, state.col)
+                out[i, POS_MAPS:] = _align_maps(state, *cursor, i)
             elif state.kind == KIND_INPUT:
                 grid_tokens_at.append(i)
             if tok == ROW:
@@ -326,6 +366,7 @@ def layout_positions(ids: Sequence[int]) -> tuple[np.ndarray, _Parse]:
                 mirror_input_grid()
             state = _Parse(KIND_OUTPUT, in_start=state.in_start, in_shape=in_shape)
             out[i, :POS_MROW] = (NO_POS, NO_POS, KIND_OUTPUT, _align(state, 0, 0, i))
+            out[i, POS_MAPS:] = _align_maps(state, 0, 0, i)
         elif tok == EOO:
             out[i, :POS_MROW] = (NO_POS, NO_POS, state.kind, 0)
         elif tok in (BOS, PAD):
@@ -388,8 +429,9 @@ class LayoutTracker:
         source = self.in_start + 1 + cursor_row * (self.in_w + 1) + cursor_col
         no_pos = torch.full_like(self.col, NO_POS)
         row, col = torch.where(is_eoo, no_pos, self.rows), torch.where(is_eoo, no_pos, self.col)
+        maps = _map_offsets(torch.where, cursor_row, cursor_col, self.at, self.in_start, self.in_h, self.in_w, ~is_eoo)
         pos = torch.stack([row, col, torch.full_like(self.col, KIND_OUTPUT),
-                           torch.where(inside, self.at - source, torch.zeros_like(self.col)), row, col], dim=1)  # (n, N_POS)
+                           torch.where(inside, self.at - source, torch.zeros_like(self.col)), row, col, *maps], dim=1)  # (n, N_POS)
         self.width = torch.where(is_row & (self.width == 0), self.col, self.width)  # the first row sets the width
         self.col = torch.where(is_colour, self.col + 1, torch.where(is_row, torch.zeros_like(self.col), self.col))
         self.rows = self.rows + is_row.long()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from arc import kernels
 from arc.mamba2 import Mamba2, MambaState
 from arc.model import PRESETS, HybridLM, InferenceCache, KVCache, ModelConfig, preset
-from arc.tokens import IGNORE_INDEX, VOCAB_SIZE
+from arc.tokens import IGNORE_INDEX, POS_MAPS, VOCAB_SIZE
 
 SNAPSHOT = Path(__file__).parent / "data" / "mamba_ssm_mamba2_snapshot.json"
 
@@ -318,15 +318,15 @@ def test_2d_options_round_trip_through_a_checkpoint_and_old_configs_keep_the_old
     from arc import checkpoint
     enc = _instances(1, seed=4)[0]
     ids, pos = torch.as_tensor(enc.ids)[None], torch.as_tensor(enc.pos)[None]
-    m = tiny(grid_pos=True, align_input=True, rope="grid")
+    m = tiny(grid_pos=True, align_input=True, align_maps=True, rope="grid")
     checkpoint.save_atomic({"model": m.state_dict(), "model_config": m.cfg.to_dict()}, tmp_path / "c.pt")
     saved = checkpoint.load(tmp_path / "c.pt")
     back = HybridLM(ModelConfig.from_dict(saved["model_config"])).eval()
     back.load_state_dict(saved["model"])  # strict: the new embeddings are in the state dict
-    assert (back.cfg.grid_pos, back.cfg.align_input, back.cfg.rope) == (True, True, "grid")
+    assert (back.cfg.grid_pos, back.cfg.align_input, back.cfg.align_maps, back.cfg.rope) == (True, True, True, "grid")
     torch.testing.assert_close(back(ids, pos=pos)[0], m(ids, pos=pos)[0], rtol=0, atol=0)
     # a config written before these fields existed builds the model it described: no new parameters
-    old = {k: v for k, v in tiny().cfg.to_dict().items() if k not in ("grid_pos", "align_input", "rope")}
+    old = {k: v for k, v in tiny().cfg.to_dict().items() if k not in ("grid_pos", "align_input", "align_maps", "rope")}
     plain = HybridLM(ModelConfig.from_dict(old))
     assert not plain.cfg.uses_positions
     assert plain.state_dict().keys() == tiny().state_dict().keys()
@@ -382,7 +382,8 @@ def _instances(n: int, seed: int):
 
 
 @pytest.mark.parametrize("options", [dict(grid_pos=True), dict(align_input=True), dict(rope="grid"),
-                                     dict(grid_pos=True, align_input=True, rope="mirror"), dict(rope="dihedral")])
+                                     dict(grid_pos=True, align_input=True, rope="mirror"), dict(rope="dihedral"),
+                                     dict(align_maps=True), dict(grid_pos=True, align_input=True, align_maps=True, rope="mirror")])
 @pytest.mark.parametrize("piece", [1, 10**6])
 def test_prefill_then_steps_equal_full_forward_with_2d_positions(options, piece, monkeypatch):
     from arc.tokens import OUT
@@ -410,7 +411,7 @@ def test_prefill_then_steps_equal_full_forward_with_2d_positions(options, piece,
 
 
 @pytest.mark.parametrize("options", [dict(), dict(grid_pos=True, align_input=True, rope="mirror"),
-                                     dict(rope="dihedral")])
+                                     dict(rope="dihedral"), dict(align_input=True, align_maps=True)])
 @pytest.mark.parametrize("fused", [True, False])
 def test_extend_then_commit_equals_steps_for_any_number_of_kept_tokens(options, fused, monkeypatch):
     """Speculative decoding's verification: T tokens per sequence in one extend give the logits of T
@@ -470,6 +471,14 @@ def test_2d_positions_change_the_logits_and_are_required_when_configured():
     moved = pos.clone()
     moved[..., 0] = (moved[..., 0] + 1) % 31  # every row one further down
     assert not torch.allclose(m(ids, pos=pos)[0], m(ids, pos=moved)[0])
+    maps = tiny(grid_pos=True, align_input=True, align_maps=True, rope="mirror")
+    with pytest.raises(ValueError, match="takes 2D positions"):
+        tiny(align_maps=True)(ids)
+    no_maps = pos.clone()
+    no_maps[..., POS_MAPS:] = 0  # the same layout without the other maps' cells
+    assert (pos[..., POS_MAPS:] > 0).any()
+    assert not torch.allclose(maps(ids, pos=pos)[0], maps(ids, pos=no_maps)[0])
+    torch.testing.assert_close(m(ids, pos=pos)[0], m(ids, pos=no_maps)[0], rtol=0, atol=0)  # only align_maps reads them
     plain = tiny()  # the default config ignores positions entirely
     torch.testing.assert_close(plain(ids)[0], plain(ids, pos=moved)[0], rtol=0, atol=0)
 

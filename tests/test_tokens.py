@@ -128,8 +128,41 @@ def test_positions_of_every_token_kind_in_a_small_instance():
         (N, N, O, 2, N, N),  # OUT -> the 7 at index 13
         (0, 0, O, 0, 0, 0), (0, 1, O, 0, 0, 1), (0, 2, O, 0, 0, 2), (N, N, O, 0, N, N),  # 8 9 ROW EOO
     ]
-    assert [tuple(p) for p in enc.pos.tolist()] == expected
+    assert [tuple(p) for p in enc.pos[:, :tk.POS_MAPS].tolist()] == expected
     assert enc.x_pos().shape == (len(enc.ids) - 1, tk.N_POS)
+    # the map channels: only output tokens point back; the first OUT's cursor (0, 0) reads under
+    # flip_h the input's (0, 1) (the 2 at index 3, 5 back), flip_v (1, 0), rot180 (1, 1), transpose
+    # (0, 0), antitranspose (1, 1), rot90 (0, 1), rot270 (1, 0)
+    assert enc.pos[8, tk.POS_MAPS:].tolist() == [5, 3, 2, 6, 2, 5, 3]
+    not_output = enc.pos[:, tk.POS_KIND] != O
+    assert (enc.pos[not_output, tk.POS_MAPS:] == 0).all()
+
+
+MAP_FUNCTIONS = {"flip_h": np.fliplr, "flip_v": np.flipud, "rot180": lambda g: np.rot90(g, 2),
+                 "transpose": lambda g: g.T, "antitranspose": lambda g: np.rot90(g, 2).T,
+                 "rot90": lambda g: np.rot90(g, 1), "rot270": lambda g: np.rot90(g, -1)}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(grids(8), min_size=1, max_size=3), grids(8), st.sampled_from(tk.MAPS))
+def test_each_map_channel_points_at_the_input_cell_the_next_output_cell_copies(inputs, test_in, name):
+    """When every output is map k of its input, map k's channel at each output token points back at
+    the very input cell whose colour comes next (for every cell, not just some), and the other maps'
+    channels stay inside that pair's input grid."""
+    f, k = MAP_FUNCTIONS[name], tk.MAPS.index(name)
+    assert tuple(sorted(MAP_FUNCTIONS)) == tuple(sorted(tk.MAPS))
+    enc = tk.encode_instance([(g, f(g)) for g in inputs], test_in, f(test_in))
+    ids, pos = np.asarray(enc.ids), enc.pos
+    checked = 0
+    for t in range(len(ids) - 1):
+        if pos[t, tk.POS_KIND] != tk.KIND_OUTPUT:
+            continue
+        backs = pos[t, tk.POS_MAPS:]
+        assert (backs >= 0).all() and (ids[t - backs[backs > 0]] < tk.N_COLOURS).all()  # cells, never markers
+        if ids[t + 1] < tk.N_COLOURS:
+            assert backs[k] > 0 and ids[t - backs[k]] == ids[t + 1]
+            checked += 1
+    assert checked == sum(g.size for g in inputs) + test_in.size
 
 
 @settings(max_examples=60, deadline=None)
