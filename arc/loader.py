@@ -32,7 +32,7 @@ class Batch(NamedTuple):
 
     x: torch.Tensor  # (B, T) ids, PAD-filled
     y: torch.Tensor  # (B, T) next ids on target positions, IGNORE_INDEX elsewhere
-    pos: torch.Tensor | None  # (B, T, N_POS) each x token's row, column, kind, aligned offset; None for text
+    pos: torch.Tensor | None  # (B, T, N_POS) each x token's 2D channels (arc.tokens: row, column, kind, offsets back to input cells); None for text
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.x.to(device), self.y.to(device), None if self.pos is None else self.pos.to(device))

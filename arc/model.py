@@ -585,7 +585,8 @@ class HybridLM(nn.Module):
             return
         if pos is None:
             raise ValueError(f"HybridLM: this model takes 2D positions (grid_pos={self.cfg.grid_pos}, align_input="
-                             f"{self.cfg.align_input}, rope={self.cfg.rope!r}): pass {what} from arc.tokens")
+                             f"{self.cfg.align_input}, align_maps={self.cfg.align_maps}, rope={self.cfg.rope!r}): pass "
+                             f"{what} from arc.tokens")
         if shape and tuple(pos.shape) != (*shape, N_POS):
             raise ValueError(f"HybridLM: {what} must have shape {(*shape, N_POS)}, got {tuple(pos.shape)}")
 
@@ -613,7 +614,7 @@ class HybridLM(nn.Module):
         """ids (B, S) of sequence slots, positions at (B, ...) and offsets back (B, ..., K) -> the ids
         ``back`` slots before ``at`` (B, ..., K), vocab_size where back is 0 (nothing aligned)."""
         source = (at.unsqueeze(-1) - back).clamp(min=0)
-        found = ids.gather(1, source.reshape(ids.shape[0], -1)).view(source.shape)
+        found = ids.gather(1, source.flatten(1)).view(source.shape)
         return torch.where(back > 0, found, torch.full_like(found, self.cfg.vocab_size))
 
     def aligned_ids(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:

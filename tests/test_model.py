@@ -479,6 +479,7 @@ def test_2d_positions_change_the_logits_and_are_required_when_configured():
     assert (pos[..., POS_MAPS:] > 0).any()
     assert not torch.allclose(maps(ids, pos=pos)[0], maps(ids, pos=no_maps)[0])
     torch.testing.assert_close(m(ids, pos=pos)[0], m(ids, pos=no_maps)[0], rtol=0, atol=0)  # only align_maps reads them
+    assert maps(ids[:0], pos=pos[:0])[0].shape == (0, ids.shape[1], VOCAB_SIZE)  # an empty batch still runs
     plain = tiny()  # the default config ignores positions entirely
     torch.testing.assert_close(plain(ids)[0], plain(ids, pos=moved)[0], rtol=0, atol=0)
 
