@@ -170,15 +170,23 @@ def map_cells(r, c, h, w) -> list[tuple]:
             (c, w - 1 - r), (h - 1 - c, r)]
 
 
-def _map_offsets(where, cursor_row, cursor_col, at, in_start, h, w, valid=True) -> list:
-    """The POS_MAPS channels (a list of N_MAPS arrays or tensors): for each map, the distance from
-    ``at`` back to the input cell its slot reads (:func:`map_cells`), or 0 where that cell is
-    outside the input grid or ``valid`` is false. ``where`` is np.where or torch.where."""
-    out = []
-    for r, c in map_cells(cursor_row, cursor_col, h, w):
-        inside = (r >= 0) & (r < h) & (c >= 0) & (c < w) & valid
-        out.append(where(inside, at - (in_start + 1 + r * (w + 1) + c), 0 * at))
-    return out
+# map_cells as integer coefficients: (r', c') of map k = (r, c, h-1, w-1) @ _MAP_COEF[:, k], so an
+# array of cursors maps under all seven at once.
+_MAP_COEF = np.array([map_cells(*np.eye(4, dtype=np.int64)[i, :2], *(np.eye(4, dtype=np.int64)[i, 2:] + 1))
+                      for i in range(4)], dtype=np.int64)  # (4, N_MAPS, 2): basis, map, (row, col)
+_CURSOR_COLS = MAX_SIDE + 2  # a cursor's column runs 0..MAX_SIDE (after a full row), its row 0..MAX_SIDE
+_CURSORS = (MAX_SIDE + 1) * _CURSOR_COLS
+
+
+def _map_sources(cursor_row: np.ndarray, cursor_col: np.ndarray, in_start: int, h: int, w: int) -> np.ndarray:
+    """For cursors (n,) each: the sequence index of the input cell every map's slot reads
+    (:func:`map_cells`; the input's IN marker at ``in_start``, shape h x w), -1 where that cell
+    is outside the input grid. Returns (n, N_MAPS)."""
+    basis = np.stack([cursor_row, cursor_col, np.full_like(cursor_row, h - 1), np.full_like(cursor_row, w - 1)], axis=1)
+    cells = np.einsum("nb,bkx->nkx", basis, _MAP_COEF)  # (n, N_MAPS, 2)
+    r, c = cells[..., 0], cells[..., 1]
+    inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+    return np.where(inside, in_start + 1 + r * (w + 1) + c, -1)
 
 
 def _output_positions(shape: tuple[int, int] | None, start: int, in_start: int, in_shape: tuple[int, int]) -> np.ndarray:
@@ -196,8 +204,8 @@ def _output_positions(shape: tuple[int, int] | None, start: int, in_start: int, 
     cursor_col = np.concatenate([[0], np.where(row_end, 0, cols + 1)])
     at = start + np.arange(len(cursor_row))
     pos[: len(cursor_row), POS_ALIGN] = _aligned_offset(cursor_row, cursor_col, at, in_start, in_shape)
-    maps = _map_offsets(np.where, cursor_row, cursor_col, at, in_start, *in_shape)
-    pos[: len(cursor_row), POS_MAPS:] = np.stack(maps, axis=1)
+    source = _map_sources(cursor_row, cursor_col, in_start, *in_shape)  # (n, N_MAPS)
+    pos[: len(cursor_row), POS_MAPS:] = np.where(source >= 0, at[:, None] - source, 0)
     return pos
 
 
@@ -401,6 +409,10 @@ class LayoutTracker:
         self.left = col(list(budget))  # (n,) tokens that may still be written
         self.in_start = col([st.in_start for st in states])
         self.in_h, self.in_w = col([st.in_shape[0] for st in states]), col([st.in_shape[1] for st in states])
+        # (n, cursors, N_MAPS): for every cursor a grid can have, the input cells the maps read (POS_MAPS)
+        every_row, every_col = np.divmod(np.arange(_CURSORS), _CURSOR_COLS)
+        self.map_source = torch.as_tensor(np.stack([_map_sources(every_row, every_col, st.in_start, *st.in_shape)
+                                                    for st in states]), device=device)
         self.width = torch.zeros_like(self.at)  # 0 until the first ROW
         self.col = torch.zeros_like(self.at)  # cells in the current row
         self.rows = torch.zeros_like(self.at)  # finished rows
@@ -429,9 +441,12 @@ class LayoutTracker:
         source = self.in_start + 1 + cursor_row * (self.in_w + 1) + cursor_col
         no_pos = torch.full_like(self.col, NO_POS)
         row, col = torch.where(is_eoo, no_pos, self.rows), torch.where(is_eoo, no_pos, self.col)
-        maps = _map_offsets(torch.where, cursor_row, cursor_col, self.at, self.in_start, self.in_h, self.in_w, ~is_eoo)
-        pos = torch.stack([row, col, torch.full_like(self.col, KIND_OUTPUT),
-                           torch.where(inside, self.at - source, torch.zeros_like(self.col)), row, col, *maps], dim=1)  # (n, N_POS)
+        cursor = cursor_row.clamp(max=MAX_SIDE) * _CURSOR_COLS + cursor_col.clamp(max=_CURSOR_COLS - 1)  # (n,)
+        read = self.map_source.gather(1, cursor[:, None, None].expand(-1, 1, N_MAPS))[:, 0]  # (n, N_MAPS)
+        maps = torch.where((read >= 0) & ~is_eoo[:, None], self.at[:, None] - read, torch.zeros_like(read))
+        pos = torch.cat([torch.stack([row, col, torch.full_like(self.col, KIND_OUTPUT),
+                                      torch.where(inside, self.at - source, torch.zeros_like(self.col)), row, col], dim=1),
+                         maps], dim=1)  # (n, N_POS)
         self.width = torch.where(is_row & (self.width == 0), self.col, self.width)  # the first row sets the width
         self.col = torch.where(is_colour, self.col + 1, torch.where(is_row, torch.zeros_like(self.col), self.col))
         self.rows = self.rows + is_row.long()
@@ -478,7 +493,7 @@ class LayoutTracker:
 
     def select(self, index: torch.Tensor) -> None:
         """Keep only the sequences ``index`` (in that order)."""
-        for name in ("at", "left", "in_start", "in_h", "in_w", "width", "col", "rows", "done"):
+        for name in ("at", "left", "in_start", "in_h", "in_w", "map_source", "width", "col", "rows", "done"):
             setattr(self, name, getattr(self, name)[index])
 
 
