@@ -65,7 +65,7 @@ TOKEN_NAMES = {PAD: "PAD", ROW: "ROW", IN: "IN", OUT: "OUT", EOO: "EOO", BOS: "B
 # 2D position channels (see the module docstring)
 POS_ROW, POS_COL, POS_KIND, POS_ALIGN, POS_MROW, POS_MCOL, POS_MAPS = 0, 1, 2, 3, 4, 5, 6
 # The rotations and reflections other than the identity, as maps of an input grid (np.rot90 turns
-# counter-clockwise); MAP_CELLS gives, for each, the input cell an output cell (r, c) reads.
+# counter-clockwise); map_cells gives, for each, the input cell an output cell (r, c) reads.
 MAPS = ("flip_h", "flip_v", "rot180", "transpose", "antitranspose", "rot90", "rot270")
 N_MAPS = len(MAPS)
 N_POS = POS_MAPS + N_MAPS
