@@ -558,16 +558,40 @@ def test_bf16_decoding_writes_the_same_tokens_as_float32_on_random_weights():
     assert [lp for _, lp in bf16] == pytest.approx([lp for _, lp in f32], abs=1e-2)
 
 
+def _same_or_near_tie(model, prompts, got, want, gap=0.05):
+    """Each prompt's decoded ids ``got`` equal ``want``, or first part where the float32 model gives
+    the two tokens log-probabilities within ``gap`` of each other: a near-tie, which the rounding of
+    another dtype or path may tip (how bf16 rounds differs from CPU to CPU: AMX against AVX-512-BF16).
+    Returns the gaps found at such partings."""
+    from arc.tokens import layout_positions
+    gaps = []
+    for prompt, a, b in zip(prompts, got, want):
+        if a == b:
+            continue
+        i = next(k for k, (x, y) in enumerate(zip(a, b)) if x != y)  # both end at EOO, so they part somewhere
+        ids = np.concatenate([prompt.ids, b[:i]])
+        with torch.no_grad():
+            logits = model(torch.as_tensor(ids)[None], pos=torch.as_tensor(layout_positions(ids)[0])[None])[0][0, -1]
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        gaps.append(abs(float(lp[a[i]] - lp[b[i]])))
+        assert gaps[-1] < gap, f"token {i} of an answer: {a[i]} against {b[i]}, log-probabilities {gaps[-1]:.3f} apart"
+    return gaps
+
+
 def test_bf16_decoding_writes_the_same_grids_as_float32_after_fine_tuning():
     """The tiny model fine-tuned for 60 steps (test-time training, float32) on a flip task's
     demonstrations (loss 2.77 -> 1.75: it writes grids of the right width, not yet the rule), then its
-    test input decoded under all 8 views in both dtypes: the same tokens, view for view. A fully
+    test input decoded under all 8 views in both dtypes: the same tokens, view for view (or a
+    parting at a near-tie, below). A fully
     trained checkpoint's parity is measured by bench/bench_decode.py solve --dtypes (docs/BENCHMARKS.md 6).
 
     The fixture is one particular model, so it is fitted on one fixed path (the reference twin): the
     C++ CPU ops round differently in the last bits, and 60 steps at lr 1e-2 turn that into a model
     with a near-tie where bf16 flips a token on either path (measured). Decoding itself is then run
-    on both paths, which must agree token for token in both dtypes."""
+    on both paths, which must agree token for token in both dtypes. Where bf16 parts from float32 it
+    must be at a near-tie of the float32 model (log-probabilities within 0.05): on a CPU whose bf16
+    units round unlike the one this fixture was measured on (AVX-512-BF16 without AMX), view 3 of 8
+    parts from float32 at such a tie (0.0009 apart)."""
     rng = np.random.default_rng(3)
     grids = [rng.integers(0, 10, size=(3, 4)) for _ in range(5)]
     task = Task("flip", tuple(Pair(g, np.fliplr(g)) for g in grids[:4]), (Pair(grids[4], np.fliplr(grids[4])),))
@@ -580,12 +604,13 @@ def test_bf16_decoding_writes_the_same_grids_as_float32_after_fine_tuning():
     for view in augment.views(8):
         seen = view.apply_task(task)
         prompts.append(encode_prompt(seen.demos, seen.test[0].input))
-    f32 = decode(model, prompts, CPU, dtype="float32")
-    bf16 = decode(model, prompts, CPU, dtype="bfloat16")
-    assert [ids for ids, _ in bf16] == [ids for ids, _ in f32]
+    f32 = [ids for ids, _ in decode(model, prompts, CPU, dtype="float32")]
+    bf16 = [ids for ids, _ in decode(model, prompts, CPU, dtype="bfloat16")]
+    _same_or_near_tie(model, prompts, bf16, f32)
+    assert sum(a == b for a, b in zip(bf16, f32)) >= 6  # a tie or two, not a different model
     with kernels.reference_path():
-        assert [ids for ids, _ in decode(model, prompts, CPU, dtype="float32")] == [ids for ids, _ in f32]
-        assert [ids for ids, _ in decode(model, prompts, CPU, dtype="bfloat16")] == [ids for ids, _ in bf16]
+        assert [ids for ids, _ in decode(model, prompts, CPU, dtype="float32")] == f32
+        _same_or_near_tie(model, prompts, [ids for ids, _ in decode(model, prompts, CPU, dtype="bfloat16")], bf16)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "auto"])
