@@ -153,16 +153,6 @@ def _input_positions(shape: tuple[int, int]) -> np.ndarray:
     return pos
 
 
-def _aligned_offset(cursor_row: np.ndarray, cursor_col: np.ndarray, at: np.ndarray, in_start: int,
-                    in_shape: tuple[int, int]) -> np.ndarray:
-    """POS_ALIGN of tokens at sequence indices ``at`` whose cursors are (cursor_row, cursor_col):
-    the distance back to that cell of the input grid whose IN marker is at ``in_start``, or 0."""
-    h, w = in_shape
-    inside = (cursor_row < h) & (cursor_col < w)
-    source = in_start + 1 + cursor_row * (w + 1) + cursor_col  # index of the input cell
-    return np.where(inside, at - source, 0)
-
-
 def map_cells(r, c, h, w) -> list[tuple]:
     """For each of :data:`MAPS`, the input cell (row, col) that output cell (r, c) reads when the
     output is that map of an h x w input. Elementwise: numbers, numpy arrays or torch tensors."""
@@ -170,20 +160,21 @@ def map_cells(r, c, h, w) -> list[tuple]:
             (c, w - 1 - r), (h - 1 - c, r)]
 
 
-# map_cells as integer coefficients: (r', c') of map k = (r, c, h-1, w-1) @ _MAP_COEF[:, k], so an
-# array of cursors maps under all seven at once.
-_MAP_COEF = np.array([map_cells(*np.eye(4, dtype=np.int64)[i, :2], *(np.eye(4, dtype=np.int64)[i, 2:] + 1))
-                      for i in range(4)], dtype=np.int64)  # (4, N_MAPS, 2): basis, map, (row, col)
+# The cell the cursor (r, c) itself reads (POS_ALIGN), then map_cells, as integer coefficients:
+# (r', c') of column k = (r, c, h-1, w-1) @ _CELL_COEF[:, k], so an array of cursors maps at once.
+_BASIS = np.eye(4, dtype=np.int64)
+_CELL_COEF = np.array([[(b[0], b[1])] + map_cells(b[0], b[1], b[2] + 1, b[3] + 1) for b in _BASIS],
+                      dtype=np.int64)  # (4, 1 + N_MAPS, 2): basis, identity then the maps, (row, col)
 _CURSOR_COLS = MAX_SIDE + 2  # a cursor's column runs 0..MAX_SIDE (after a full row), its row 0..MAX_SIDE
 _CURSORS = (MAX_SIDE + 1) * _CURSOR_COLS
 
 
-def _map_sources(cursor_row: np.ndarray, cursor_col: np.ndarray, in_start: int, h: int, w: int) -> np.ndarray:
-    """For cursors (n,) each: the sequence index of the input cell every map's slot reads
-    (:func:`map_cells`; the input's IN marker at ``in_start``, shape h x w), -1 where that cell
-    is outside the input grid. Returns (n, N_MAPS)."""
+def _source_cells(cursor_row: np.ndarray, cursor_col: np.ndarray, in_start: int, h: int, w: int) -> np.ndarray:
+    """For cursors (n,) each: the sequence index of the input cell its slot reads as it is
+    (POS_ALIGN) and under every map (POS_MAPS, :func:`map_cells`), the input's IN marker at
+    ``in_start``, shape h x w; -1 where that cell is outside the input grid. Returns (n, 1 + N_MAPS)."""
     basis = np.stack([cursor_row, cursor_col, np.full_like(cursor_row, h - 1), np.full_like(cursor_row, w - 1)], axis=1)
-    cells = np.einsum("nb,bkx->nkx", basis, _MAP_COEF)  # (n, N_MAPS, 2)
+    cells = np.einsum("nb,bkx->nkx", basis, _CELL_COEF)  # (n, 1 + N_MAPS, 2)
     r, c = cells[..., 0], cells[..., 1]
     inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
     return np.where(inside, in_start + 1 + r * (w + 1) + c, -1)
@@ -203,9 +194,9 @@ def _output_positions(shape: tuple[int, int] | None, start: int, in_start: int, 
     cursor_row = np.concatenate([[0], np.where(row_end, rows + 1, rows)])  # OUT's cursor is (0, 0)
     cursor_col = np.concatenate([[0], np.where(row_end, 0, cols + 1)])
     at = start + np.arange(len(cursor_row))
-    pos[: len(cursor_row), POS_ALIGN] = _aligned_offset(cursor_row, cursor_col, at, in_start, in_shape)
-    source = _map_sources(cursor_row, cursor_col, in_start, *in_shape)  # (n, N_MAPS)
-    pos[: len(cursor_row), POS_MAPS:] = np.where(source >= 0, at[:, None] - source, 0)
+    source = _source_cells(cursor_row, cursor_col, in_start, *in_shape)  # (n, 1 + N_MAPS)
+    back = np.where(source >= 0, at[:, None] - source, 0)
+    pos[: len(cursor_row), POS_ALIGN], pos[: len(cursor_row), POS_MAPS:] = back[:, 0], back[:, 1:]
     return pos
 
 
@@ -409,10 +400,10 @@ class LayoutTracker:
         self.left = col(list(budget))  # (n,) tokens that may still be written
         self.in_start = col([st.in_start for st in states])
         self.in_h, self.in_w = col([st.in_shape[0] for st in states]), col([st.in_shape[1] for st in states])
-        # (n, cursors, N_MAPS): for every cursor a grid can have, the input cells the maps read (POS_MAPS)
+        # (n, cursors, 1 + N_MAPS): for every cursor a grid can have, the input cells it reads (POS_ALIGN, POS_MAPS)
         every_row, every_col = np.divmod(np.arange(_CURSORS), _CURSOR_COLS)
-        self.map_source = torch.as_tensor(np.stack([_map_sources(every_row, every_col, st.in_start, *st.in_shape)
-                                                    for st in states]), device=device)
+        self.source = torch.as_tensor(np.stack([_source_cells(every_row, every_col, st.in_start, *st.in_shape)
+                                                for st in states]), device=device)
         self.width = torch.zeros_like(self.at)  # 0 until the first ROW
         self.col = torch.zeros_like(self.at)  # cells in the current row
         self.rows = torch.zeros_like(self.at)  # finished rows
@@ -437,16 +428,13 @@ class LayoutTracker:
         is_colour, is_row, is_eoo = tok < N_COLOURS, tok == ROW, tok == EOO
         cursor_row = torch.where(is_row, self.rows + 1, self.rows)
         cursor_col = torch.where(is_row, torch.zeros_like(self.col), self.col + 1)
-        inside = (cursor_row < self.in_h) & (cursor_col < self.in_w) & ~is_eoo
-        source = self.in_start + 1 + cursor_row * (self.in_w + 1) + cursor_col
         no_pos = torch.full_like(self.col, NO_POS)
         row, col = torch.where(is_eoo, no_pos, self.rows), torch.where(is_eoo, no_pos, self.col)
         cursor = cursor_row.clamp(max=MAX_SIDE) * _CURSOR_COLS + cursor_col.clamp(max=_CURSOR_COLS - 1)  # (n,)
-        read = self.map_source.gather(1, cursor[:, None, None].expand(-1, 1, N_MAPS))[:, 0]  # (n, N_MAPS)
-        maps = torch.where((read >= 0) & ~is_eoo[:, None], self.at[:, None] - read, torch.zeros_like(read))
-        pos = torch.cat([torch.stack([row, col, torch.full_like(self.col, KIND_OUTPUT),
-                                      torch.where(inside, self.at - source, torch.zeros_like(self.col)), row, col], dim=1),
-                         maps], dim=1)  # (n, N_POS)
+        read = self.source.gather(1, cursor[:, None, None].expand(-1, 1, self.source.shape[2]))[:, 0]  # (n, 1 + N_MAPS)
+        back = torch.where((read >= 0) & ~is_eoo[:, None], self.at[:, None] - read, torch.zeros_like(read))
+        pos = torch.cat([torch.stack([row, col, torch.full_like(self.col, KIND_OUTPUT), back[:, 0], row, col], dim=1),
+                         back[:, 1:]], dim=1)  # (n, N_POS)
         self.width = torch.where(is_row & (self.width == 0), self.col, self.width)  # the first row sets the width
         self.col = torch.where(is_colour, self.col + 1, torch.where(is_row, torch.zeros_like(self.col), self.col))
         self.rows = self.rows + is_row.long()
@@ -493,7 +481,7 @@ class LayoutTracker:
 
     def select(self, index: torch.Tensor) -> None:
         """Keep only the sequences ``index`` (in that order)."""
-        for name in ("at", "left", "in_start", "in_h", "in_w", "map_source", "width", "col", "rows", "done"):
+        for name in ("at", "left", "in_start", "in_h", "in_w", "source", "width", "col", "rows", "done"):
             setattr(self, name, getattr(self, name)[index])
 
 
