@@ -75,6 +75,7 @@ class ModelConfig:
     grid_pos: bool = help_field(False, "add learned embeddings of each token's row, column and grid kind (input/output)")
     align_input: bool = help_field(False, "add an embedding of the input cell under the slot an output token's successor fills (same row and column of its pair's input grid)")
     align_maps: bool = help_field(False, "also add embeddings of the input cells that slot reads under each of the 7 other rotations and reflections of the input grid (arc.tokens POS_MAPS)")
+    map_agree: bool = help_field(False, "also add, for each output cell, an embedding of which of the 8 rotations and reflections (the identity and align_maps' 7) it agrees with: its colour equals the input cell its own slot reads under that map (the evidence of which map a demonstration shows; needs align_input and align_maps)")
     rope: Literal["seq", "grid", "mirror", "dihedral"] = help_field("seq", "attention rotary positions: seq = sequence index; grid = half the head dims by sequence index, a quarter by row, a quarter by column; mirror = half by sequence index, an eighth each by row, column, and the row and column counted from an input grid's far edges; dihedral = mirror in half the heads, and in the other half the same with every input grid transposed (so rotations and transpositions are fixed offsets too)")
 
     def __post_init__(self) -> None:
@@ -90,8 +91,10 @@ class ModelConfig:
         need(isinstance(self.d_conv, int) and self.d_conv >= 2, "d_conv", "must be an integer >= 2")
         need(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(isinstance(self.rope_base, (int, float)) and self.rope_base > 1.0, "rope_base", "must be > 1")
-        for name in ("tie_embeddings", "grid_pos", "align_input", "align_maps"):
+        for name in ("tie_embeddings", "grid_pos", "align_input", "align_maps", "map_agree"):
             need(isinstance(getattr(self, name), bool), name, "must be a bool")
+        need(not self.map_agree or (self.align_input and self.align_maps), "map_agree",
+             "needs align_input=True and align_maps=True (it compares a cell with the cells they look up)")
         need(self.rope in ROPE_GROUPS, "rope", f"must be one of {sorted(ROPE_GROUPS)}")
         need(isinstance(self.layer_pattern, str) and len(self.layer_pattern) > 0
              and set(self.layer_pattern) <= {MAMBA, ATTENTION}, "layer_pattern", "must be a non-empty string of 'M' and 'A'")
@@ -460,6 +463,8 @@ class InferenceCache:
     lengths: torch.Tensor  # (B,) long: tokens seen so far = the position of the next token
     capacity: int  # slots per sequence in the KV caches: the longest prompt + max_new_tokens
     tokens: torch.Tensor | None = None  # (B, capacity) every id fed so far, kept when align channels look back
+    last_aligned: torch.Tensor | None = None  # (B, K) the last token's aligned ids, kept with map_agree
+    extended_aligned: torch.Tensor | None = None  # (B, T, K) an uncommitted extend's, with map_agree
 
     @property
     def batch_size(self) -> int:
@@ -478,6 +483,10 @@ class InferenceCache:
         self.lengths = self.lengths.index_select(0, index)
         if self.tokens is not None:
             self.tokens = self.tokens.index_select(0, index)
+        if self.last_aligned is not None:
+            self.last_aligned = self.last_aligned.index_select(0, index)
+        if self.extended_aligned is not None:
+            self.extended_aligned = self.extended_aligned.index_select(0, index)
         return self
 
 
@@ -512,6 +521,8 @@ class HybridLM(nn.Module):
             self.align_embedding = nn.Embedding(cfg.vocab_size + 1, cfg.d_model)
         if cfg.align_maps:  # one table per map, stacked: map k's rows start at k * (vocab_size + 1)
             self.map_embedding = nn.Embedding(N_MAPS * (cfg.vocab_size + 1), cfg.d_model)
+        if cfg.map_agree:  # row k: "this cell agrees with align channel k" (the identity, then the maps)
+            self.agree_embedding = nn.Embedding(1 + N_MAPS, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(kind, cfg, i) for i, kind in enumerate(cfg.layer_kinds))
         self.norm_f = RMSNorm(cfg.d_model)
@@ -531,6 +542,7 @@ class HybridLM(nn.Module):
         row/col/kind_embedding.weight     N(0, 0.02) (grid_pos)
         align_embedding.weight            N(0, 0.02) (align_input)
         map_embedding.weight              N(0, 0.02) (align_maps)
+        agree_embedding.weight            N(0, 0.02) (map_agree)
         lm_head.weight (untied)           N(0, 0.02)
         \\*.norm.weight, norm2, norm_f     1 (RMSNorm; the Mamba2 gated norm too)
         attention mixer.in_proj.weight    N(0, 0.02)
@@ -548,7 +560,8 @@ class HybridLM(nn.Module):
         std = 0.02
         residual_std = std / math.sqrt(2 * self.cfg.n_layer)
         nn.init.normal_(self.embedding.weight, 0.0, std)
-        for name in ("row_embedding", "col_embedding", "kind_embedding", "align_embedding", "map_embedding"):
+        for name in ("row_embedding", "col_embedding", "kind_embedding", "align_embedding", "map_embedding",
+                     "agree_embedding"):
             if hasattr(self, name):
                 nn.init.normal_(getattr(self, name).weight, 0.0, std)
         if not self.cfg.tie_embeddings:
@@ -590,10 +603,13 @@ class HybridLM(nn.Module):
         if shape and tuple(pos.shape) != (*shape, N_POS):
             raise ValueError(f"HybridLM: {what} must have shape {(*shape, N_POS)}, got {tuple(pos.shape)}")
 
-    def embed(self, idx: torch.Tensor, pos: torch.Tensor | None, aligned: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor | None, aligned: torch.Tensor | None,
+              before: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (...,) plus their 2D channels pos (..., N_POS) -> float32 input vectors (..., C).
         ``aligned`` (..., K): the ids of the input cells each token's :attr:`ModelConfig.align_channels`
-        point at (vocab_size where there is none), needed only with align_input or align_maps."""
+        point at (vocab_size where there is none), needed only with align_input or align_maps;
+        ``before`` (..., K): the previous token's ``aligned``, the cells this token's own slot reads
+        (needed only with map_agree)."""
         x = self.embedding(idx).float()  # (..., C)
         if self.cfg.grid_pos:
             x = x + self.row_embedding(pos[..., POS_ROW]) + self.col_embedding(pos[..., POS_COL]) \
@@ -603,7 +619,19 @@ class HybridLM(nn.Module):
         if self.cfg.align_maps:
             maps = aligned[..., -N_MAPS:] + self._map_rows  # (..., N_MAPS) rows of map_embedding
             x = x + F.embedding_bag(maps.reshape(-1, N_MAPS), self.map_embedding.weight, mode="sum").view(x.shape)
+        if self.cfg.map_agree:  # before is vocab_size where nothing is read, which no id equals
+            x = x + (idx.unsqueeze(-1) == before).float() @ self.agree_embedding.weight
         return x
+
+    def _before(self, aligned: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor | None:
+        """aligned (B, T, K) -> each token's predecessor's (B, T, K): ``first`` (B, K) before the first
+        token (the cache's last, while decoding), none (vocab_size) at a sequence's start. None
+        without map_agree."""
+        if not self.cfg.map_agree:
+            return None
+        if first is None:
+            first = torch.full_like(aligned[:, 0], self.cfg.vocab_size)
+        return torch.cat([first[:, None], aligned[:, :-1]], dim=1)
 
     @property
     def _map_rows(self) -> torch.Tensor:
@@ -626,6 +654,11 @@ class HybridLM(nn.Module):
         at = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)  # (B, T)
         return self._look_back(idx, at, pos[..., channels])
 
+    def input_vectors(self, idx: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        """A batch idx (B, T) with channels pos (B, T, N_POS) or None -> the first layer's input (B, T, C)."""
+        aligned = self.aligned_ids(idx, pos) if pos is not None else None  # (B, T, K)
+        return self.embed(idx, pos, aligned, self._before(aligned) if aligned is not None else None)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, pos: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) long, 2D channels pos (B, T, N_POS) (required when the config uses them) ->
@@ -635,7 +668,7 @@ class HybridLM(nn.Module):
         if idx.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"HybridLM.forward: sequence length {idx.shape[1]} > max_seq_len {self.cfg.max_seq_len}")
         self._check_pos(pos, tuple(idx.shape), "pos")
-        x = self.drop(self.embed(idx, pos, self.aligned_ids(idx, pos) if pos is not None else None))  # (B, T, C)
+        x = self.drop(self.input_vectors(idx, pos))  # (B, T, C)
         for block in self.layers:
             x, _ = block(x, pos=pos)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
@@ -725,6 +758,9 @@ class HybridLM(nn.Module):
         tokens = None
         if self.cfg.align_channels:  # the align channels look back at earlier ids while decoding
             tokens = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        last = None  # with map_agree: the last token's aligned ids, what the next token's slot reads
+        if self.cfg.map_agree:
+            last = torch.zeros(batch, len(self.cfg.align_channels), dtype=torch.long, device=device)
         pieces = []  # (rows of one length, at most about PREFILL_TOKENS tokens together)
         for length in sorted(set(lengths.tolist())):
             same = torch.nonzero(lengths == length).squeeze(1)  # batch positions of this length
@@ -733,7 +769,7 @@ class HybridLM(nn.Module):
             length = len(prompts[int(rows[0])])
             idx = torch.stack([prompts[i] for i in rows.tolist()])  # (G, L)
             pos = torch.stack([positions[i] for i in rows.tolist()]) if self.cfg.uses_positions else None  # (G, L, N_POS)
-            x = self.embed(idx, pos, self.aligned_ids(idx, pos) if pos is not None else None)  # (G, L, C)
+            x = self.input_vectors(idx, pos)  # (G, L, C)
             for li, block in enumerate(self.layers):
                 x, state = block(x, return_state=True, pos=pos)
                 if layers[li] is None:  # allocate the batched state on first sight of its dtype
@@ -742,7 +778,10 @@ class HybridLM(nn.Module):
             logits[rows] = self._next_logits(x[:, -1])  # (G, V)
             if tokens is not None:
                 tokens[rows, :length] = idx
-        return InferenceCache(layers, lengths, capacity, tokens), logits
+            if last is not None:  # the ids the last token's align channels point at
+                at = torch.full((len(rows), 1), length - 1, device=device)
+                last[rows] = self._look_back(idx, at, pos[:, -1:, self.cfg.align_channels])[:, 0]
+        return InferenceCache(layers, lengths, capacity, tokens, last), logits
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, cache: InferenceCache, pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -765,7 +804,9 @@ class HybridLM(nn.Module):
             rows = torch.arange(cache.batch_size, device=tokens.device)
             cache.tokens[rows, cache.lengths] = tokens
             aligned = self._look_back(cache.tokens, cache.lengths, pos[:, self.cfg.align_channels])  # (B, K)
-        x = self.embed(tokens, pos, aligned)  # (B, C)
+        x = self.embed(tokens, pos, aligned, cache.last_aligned)  # (B, C)
+        if cache.last_aligned is not None:
+            cache.last_aligned = aligned
         for block, state in zip(self.layers, cache.layers):
             x = block.step(x, state, cache.lengths, pos, used=longest + 1)
         cache.lengths = cache.lengths + 1
@@ -794,7 +835,9 @@ class HybridLM(nn.Module):
             where = cache.lengths[:, None] + torch.arange(t, device=tokens.device)  # (B, T)
             cache.tokens[rows, where] = tokens
             aligned = self._look_back(cache.tokens, where, pos[..., self.cfg.align_channels])  # (B, T, K)
-        x = self.embed(tokens, pos, aligned)  # (B, T, C)
+        x = self.embed(tokens, pos, aligned, self._before(aligned, cache.last_aligned) if self.cfg.map_agree else None)
+        if cache.last_aligned is not None:
+            cache.extended_aligned = aligned  # commit keeps the last kept token's
         pending = []
         for block, state in zip(self.layers, cache.layers):
             x, p = block.extend(x, state, cache.lengths, pos, used=longest + t)
@@ -807,6 +850,9 @@ class HybridLM(nn.Module):
         for p, state in zip(pending, cache.layers):
             if p is not None:
                 p.commit(state, last)
+        if cache.last_aligned is not None:
+            rows = torch.arange(cache.batch_size, device=last.device)
+            cache.last_aligned, cache.extended_aligned = cache.extended_aligned[rows, last], None
         cache.lengths = cache.lengths + last + 1
 
     def _next_logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -318,15 +318,15 @@ def test_2d_options_round_trip_through_a_checkpoint_and_old_configs_keep_the_old
     from arc import checkpoint
     enc = _instances(1, seed=4)[0]
     ids, pos = torch.as_tensor(enc.ids)[None], torch.as_tensor(enc.pos)[None]
-    m = tiny(grid_pos=True, align_input=True, align_maps=True, rope="grid")
+    m = tiny(grid_pos=True, align_input=True, align_maps=True, map_agree=True, rope="grid")
     checkpoint.save_atomic({"model": m.state_dict(), "model_config": m.cfg.to_dict()}, tmp_path / "c.pt")
     saved = checkpoint.load(tmp_path / "c.pt")
     back = HybridLM(ModelConfig.from_dict(saved["model_config"])).eval()
     back.load_state_dict(saved["model"])  # strict: the new embeddings are in the state dict
-    assert (back.cfg.grid_pos, back.cfg.align_input, back.cfg.align_maps, back.cfg.rope) == (True, True, True, "grid")
+    assert (back.cfg.grid_pos, back.cfg.align_input, back.cfg.align_maps, back.cfg.map_agree, back.cfg.rope) == (True, True, True, True, "grid")
     torch.testing.assert_close(back(ids, pos=pos)[0], m(ids, pos=pos)[0], rtol=0, atol=0)
     # a config written before these fields existed builds the model it described: no new parameters
-    old = {k: v for k, v in tiny().cfg.to_dict().items() if k not in ("grid_pos", "align_input", "align_maps", "rope")}
+    old = {k: v for k, v in tiny().cfg.to_dict().items() if k not in ("grid_pos", "align_input", "align_maps", "map_agree", "rope")}
     plain = HybridLM(ModelConfig.from_dict(old))
     assert not plain.cfg.uses_positions
     assert plain.state_dict().keys() == tiny().state_dict().keys()
@@ -383,7 +383,8 @@ def _instances(n: int, seed: int):
 
 @pytest.mark.parametrize("options", [dict(grid_pos=True), dict(align_input=True), dict(rope="grid"),
                                      dict(grid_pos=True, align_input=True, rope="mirror"), dict(rope="dihedral"),
-                                     dict(align_maps=True), dict(grid_pos=True, align_input=True, align_maps=True, rope="mirror")])
+                                     dict(align_maps=True), dict(grid_pos=True, align_input=True, align_maps=True, rope="mirror"),
+                                     dict(align_input=True, align_maps=True, map_agree=True)])
 @pytest.mark.parametrize("piece", [1, 10**6])
 def test_prefill_then_steps_equal_full_forward_with_2d_positions(options, piece, monkeypatch):
     from arc.tokens import OUT
@@ -411,7 +412,8 @@ def test_prefill_then_steps_equal_full_forward_with_2d_positions(options, piece,
 
 
 @pytest.mark.parametrize("options", [dict(), dict(grid_pos=True, align_input=True, rope="mirror"),
-                                     dict(rope="dihedral"), dict(align_input=True, align_maps=True)])
+                                     dict(rope="dihedral"), dict(align_input=True, align_maps=True),
+                                     dict(align_input=True, align_maps=True, map_agree=True)])
 @pytest.mark.parametrize("fused", [True, False])
 def test_extend_then_commit_equals_steps_for_any_number_of_kept_tokens(options, fused, monkeypatch):
     """Speculative decoding's verification: T tokens per sequence in one extend give the logits of T
@@ -619,3 +621,45 @@ def test_dihedral_rotary_makes_every_rotation_and_reflection_a_fixed_relative_of
         cell = at_zero[:, 1:]  # the 2D parts
         found.append(bool((cell.sum(dim=1) >= 2).any()))
     assert found == ([True] * 4 + [False] * 4 if rope == "mirror" else [True] * 8)
+
+
+def test_map_agree_marks_exactly_the_maps_each_output_cell_agrees_with():
+    """With map_agree, an output cell's input vector holds one row of agree_embedding per map whose
+    input cell (for this cell's own slot) has its colour: checked against the grids themselves."""
+    from arc.tokens import IN, KIND_OUTPUT, MAPS, POS_COL, POS_KIND, POS_ROW, encode_instance, map_cells
+    m = tiny(align_input=True, align_maps=True, map_agree=True)
+    with torch.no_grad():
+        for table in (m.embedding, m.align_embedding, m.map_embedding):
+            table.weight.zero_()
+        m.agree_embedding.weight.copy_(torch.eye(1 + len(MAPS), m.cfg.d_model))  # row k -> unit vector k
+    rng = np.random.default_rng(5)
+    for k, name in enumerate(MAPS):
+        pairs = []
+        for _ in range(3):
+            h, w = (int(v) for v in rng.integers(2, 6, 2))
+            inp = rng.integers(0, 3, (h, w))  # few colours: other maps often agree too
+            oh, ow = (w, h) if name in ("transpose", "antitranspose", "rot90", "rot270") else (h, w)
+            out = np.array([[inp[map_cells(r, c, h, w)[k]] for c in range(ow)] for r in range(oh)])
+            pairs.append((inp, out))
+        enc = encode_instance(pairs[:2], *pairs[2])
+        ids, pos = torch.as_tensor(enc.ids), torch.as_tensor(enc.pos)
+        got = m.input_vectors(ids[None], pos[None])[0, :, :1 + len(MAPS)].detach()  # (L, 8)
+        expected = torch.zeros_like(got)
+        pair = -1
+        for t in range(len(ids)):
+            pair += int(ids[t]) == IN
+            inp, out = pairs[pair]
+            r, c = int(pos[t, POS_ROW]), int(pos[t, POS_COL])
+            if int(pos[t, POS_KIND]) == KIND_OUTPUT and r < out.shape[0] and c < out.shape[1]:
+                h, w = inp.shape
+                for j, (sr, sc) in enumerate([(r, c)] + map_cells(r, c, h, w)):
+                    expected[t, j] = float(0 <= sr < h and 0 <= sc < w and inp[sr, sc] == out[r, c])
+        assert expected[:, 1 + k].sum() == sum(o.size for _, o in pairs)  # every output cell agrees with its map
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_map_agree_needs_the_cells_it_compares():
+    with pytest.raises(ValueError, match="map_agree"):
+        ModelConfig(align_maps=True, map_agree=True)
+    with pytest.raises(ValueError, match="map_agree"):
+        ModelConfig(align_input=True, map_agree=True)
