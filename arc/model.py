@@ -620,7 +620,10 @@ class HybridLM(nn.Module):
             maps = aligned[..., -N_MAPS:] + self._map_rows  # (..., N_MAPS) rows of map_embedding
             x = x + F.embedding_bag(maps.reshape(-1, N_MAPS), self.map_embedding.weight, mode="sum").view(x.shape)
         if self.cfg.map_agree:  # before is vocab_size where nothing is read, which no id equals
-            x = x + (idx.unsqueeze(-1) == before).float() @ self.agree_embedding.weight
+            agree = (idx.unsqueeze(-1) == before).float().reshape(-1, before.shape[-1])  # (N, K) 0/1 weights
+            rows = torch.arange(agree.shape[1], device=agree.device).expand(agree.shape[0], -1)
+            # a weighted embedding_bag, not a matmul: stays float32 under autocast, like the other tables
+            x = x + F.embedding_bag(rows, self.agree_embedding.weight, mode="sum", per_sample_weights=agree).view(x.shape)
         return x
 
     def _before(self, aligned: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor | None:

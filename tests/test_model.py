@@ -444,6 +444,9 @@ def test_extend_then_commit_equals_steps_for_any_number_of_kept_tokens(options, 
     kept = torch.tensor([0, t - 1, 1, 2])  # the last kept token's index, per sequence
     m.commit(cache, pending, kept)
     assert cache.lengths.tolist() == [c + k + 1 for c, k in zip(cuts, kept.tolist())]
+    if m.cfg.map_agree:  # the cells the next token's slot reads: those of each sequence's last kept token
+        for i, ((ids, p), c, k) in enumerate(zip(full, cuts, kept.tolist())):
+            assert torch.equal(cache.last_aligned[i], m.aligned_ids(ids[None], p[None])[0, c + k])
     for step in range(2):  # each sequence goes on from its own last kept token
         at = [c + k + 1 + step for c, k in zip(cuts, kept.tolist())]
         tok = torch.stack([ids[a] for (ids, _), a in zip(full, at)])
