@@ -626,10 +626,10 @@ class HybridLM(nn.Module):
             x = x + F.embedding_bag(rows, self.agree_embedding.weight, mode="sum", per_sample_weights=agree).view(x.shape)
         return x
 
-    def _before(self, aligned: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor | None:
+    def _before(self, aligned: torch.Tensor | None, first: torch.Tensor | None = None) -> torch.Tensor | None:
         """aligned (B, T, K) -> each token's predecessor's (B, T, K): ``first`` (B, K) before the first
         token (the cache's last, while decoding), none (vocab_size) at a sequence's start. None
-        without map_agree."""
+        without map_agree (aligned is then not read; with it, aligned is never None)."""
         if not self.cfg.map_agree:
             return None
         if first is None:
@@ -660,7 +660,7 @@ class HybridLM(nn.Module):
     def input_vectors(self, idx: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         """A batch idx (B, T) with channels pos (B, T, N_POS) or None -> the first layer's input (B, T, C)."""
         aligned = self.aligned_ids(idx, pos) if pos is not None else None  # (B, T, K)
-        return self.embed(idx, pos, aligned, self._before(aligned) if aligned is not None else None)
+        return self.embed(idx, pos, aligned, self._before(aligned))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, pos: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -838,7 +838,7 @@ class HybridLM(nn.Module):
             where = cache.lengths[:, None] + torch.arange(t, device=tokens.device)  # (B, T)
             cache.tokens[rows, where] = tokens
             aligned = self._look_back(cache.tokens, where, pos[..., self.cfg.align_channels])  # (B, T, K)
-        x = self.embed(tokens, pos, aligned, self._before(aligned, cache.last_aligned) if self.cfg.map_agree else None)
+        x = self.embed(tokens, pos, aligned, self._before(aligned, cache.last_aligned))
         if cache.last_aligned is not None:
             cache.extended_aligned = aligned  # commit keeps the last kept token's
         pending = []
