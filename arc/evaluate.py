@@ -261,6 +261,7 @@ class Journal:
             if isinstance(old.get("key"), dict) and isinstance(old["key"].get("solve"), dict):
                 old["key"]["solve"].setdefault("group", 1)  # journals from before --group solved one task at a time
                 old["key"]["solve"].setdefault("draft", 0)  # and from before --draft, one token a step
+                old["key"]["solve"].setdefault("compile", False)  # and from before --compile (refused: always False)
             if isinstance(old.get("key"), dict) and isinstance(old["key"].get("ttt"), dict):
                 old["key"]["ttt"].setdefault("ttt_compile", False)  # journals from before --ttt_compile ran eager
             if old.get("journal") != "arc-eval" or old.get("version") != JOURNAL_VERSION:

@@ -76,6 +76,7 @@ class ModelConfig:
     align_input: bool = help_field(False, "add an embedding of the input cell under the slot an output token's successor fills (same row and column of its pair's input grid)")
     align_maps: bool = help_field(False, "also add embeddings of the input cells that slot reads under each of the 7 other rotations and reflections of the input grid (arc.tokens POS_MAPS)")
     map_agree: bool = help_field(False, "also add, for each output cell, an embedding of which of the 8 rotations and reflections (the identity and align_maps' 7) it agrees with: its colour equals the input cell its own slot reads under that map (the evidence of which map a demonstration shows; needs align_input and align_maps; docs/BENCHMARKS.md section 20: the five maps learnt by 2M, but colour_map and ARC learn slower with it)")
+    map_gate: float = help_field(0.0, "with align_maps: scale each map's embedding (and, with map_agree, its agreement row) by rate ** map_gate, rate = the share of the sequence's cells so far, up to this token, that agree with the map (the colour equals the cell the token's slot reads under it), among those whose slot reads a cell under it: the demonstrations open the map they show and keep the others out of the residual stream; 0 = off (docs/BENCHMARKS.md section 21)")
     rope: Literal["seq", "grid", "mirror", "dihedral"] = help_field("seq", "attention rotary positions: seq = sequence index; grid = half the head dims by sequence index, a quarter by row, a quarter by column; mirror = half by sequence index, an eighth each by row, column, and the row and column counted from an input grid's far edges; dihedral = mirror in half the heads, and in the other half the same with every input grid transposed (so rotations and transpositions are fixed offsets too)")
 
     def __post_init__(self) -> None:
@@ -95,6 +96,9 @@ class ModelConfig:
             need(isinstance(getattr(self, name), bool), name, "must be a bool")
         need(not self.map_agree or (self.align_input and self.align_maps), "map_agree",
              "needs align_input=True and align_maps=True (it compares a cell with the cells they look up)")
+        need(isinstance(self.map_gate, (int, float)) and not isinstance(self.map_gate, bool) and self.map_gate >= 0,
+             "map_gate", "must be a number >= 0 (0 = off)")
+        need(not self.map_gate or self.align_maps, "map_gate", "needs align_maps=True (it scales the maps' embeddings)")
         need(self.rope in ROPE_GROUPS, "rope", f"must be one of {sorted(ROPE_GROUPS)}")
         need(isinstance(self.layer_pattern, str) and len(self.layer_pattern) > 0
              and set(self.layer_pattern) <= {MAMBA, ATTENTION}, "layer_pattern", "must be a non-empty string of 'M' and 'A'")
@@ -114,6 +118,12 @@ class ModelConfig:
                  f"must leave a head dim divisible by {step} for --rope {self.rope}")
             need(self.n_head % len(groups) == 0, "n_head",
                  f"must split evenly into the {len(groups)} head groups of --rope {self.rope}")
+
+    @property
+    def reads_before(self) -> bool:
+        """Whether a token's input also compares it with the cells its own slot reads (the previous
+        token's looked-up cells): map_agree and map_gate do."""
+        return self.map_agree or self.map_gate > 0
 
     @property
     def uses_positions(self) -> bool:
@@ -463,8 +473,10 @@ class InferenceCache:
     lengths: torch.Tensor  # (B,) long: tokens seen so far = the position of the next token
     capacity: int  # slots per sequence in the KV caches: the longest prompt + max_new_tokens
     tokens: torch.Tensor | None = None  # (B, capacity) every id fed so far, kept when align channels look back
-    last_aligned: torch.Tensor | None = None  # (B, K) the last token's aligned ids, kept with map_agree
-    extended_aligned: torch.Tensor | None = None  # (B, T, K) an uncommitted extend's, with map_agree
+    last_aligned: torch.Tensor | None = None  # (B, K) the last token's aligned ids, kept with map_agree / map_gate
+    extended_aligned: torch.Tensor | None = None  # (B, T, K) an uncommitted extend's, with map_agree / map_gate
+    map_counts: torch.Tensor | None = None  # (B, 2, N_MAPS) long: map_gate's counts up to the last token
+    extended_counts: torch.Tensor | None = None  # (B, T, 2, N_MAPS) an uncommitted extend's, with map_gate
 
     @property
     def batch_size(self) -> int:
@@ -487,6 +499,10 @@ class InferenceCache:
             self.last_aligned = self.last_aligned.index_select(0, index)
         if self.extended_aligned is not None:
             self.extended_aligned = self.extended_aligned.index_select(0, index)
+        if self.map_counts is not None:
+            self.map_counts = self.map_counts.index_select(0, index)
+        if self.extended_counts is not None:
+            self.extended_counts = self.extended_counts.index_select(0, index)
         return self
 
 
@@ -604,12 +620,13 @@ class HybridLM(nn.Module):
             raise ValueError(f"HybridLM: {what} must have shape {(*shape, N_POS)}, got {tuple(pos.shape)}")
 
     def embed(self, idx: torch.Tensor, pos: torch.Tensor | None, aligned: torch.Tensor | None,
-              before: torch.Tensor | None = None) -> torch.Tensor:
+              before: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (...,) plus their 2D channels pos (..., N_POS) -> float32 input vectors (..., C).
         ``aligned`` (..., K): the ids of the input cells each token's :attr:`ModelConfig.align_channels`
         point at (vocab_size where there is none), needed only with align_input or align_maps;
         ``before`` (..., K): the previous token's ``aligned``, the cells this token's own slot reads
-        (needed only with map_agree)."""
+        (needed only with map_agree); ``gate`` (..., N_MAPS): each map's weight (:meth:`_gate`,
+        needed only with map_gate)."""
         x = self.embedding(idx).float()  # (..., C)
         if self.cfg.grid_pos:
             x = x + self.row_embedding(pos[..., POS_ROW]) + self.col_embedding(pos[..., POS_COL]) \
@@ -618,9 +635,14 @@ class HybridLM(nn.Module):
             x = x + self.align_embedding(aligned[..., 0])
         if self.cfg.align_maps:
             maps = aligned[..., -N_MAPS:] + self._map_rows  # (..., N_MAPS) rows of map_embedding
-            x = x + F.embedding_bag(maps.reshape(-1, N_MAPS), self.map_embedding.weight, mode="sum").view(x.shape)
+            weights = None if gate is None else gate.reshape(-1, N_MAPS)
+            x = x + F.embedding_bag(maps.reshape(-1, N_MAPS), self.map_embedding.weight, mode="sum",
+                                    per_sample_weights=weights).view(x.shape)
         if self.cfg.map_agree:  # before is vocab_size where nothing is read, which no id equals
-            agree = (idx.unsqueeze(-1) == before).float().reshape(-1, before.shape[-1])  # (N, K) 0/1 weights
+            agree = (idx.unsqueeze(-1) == before).float()  # (..., K) 0/1 weights
+            if gate is not None:  # the maps' rows (not the identity's) scaled like their embeddings
+                agree = torch.cat([agree[..., :-N_MAPS], agree[..., -N_MAPS:] * gate], dim=-1)
+            agree = agree.reshape(-1, before.shape[-1])  # (N, K)
             rows = torch.arange(agree.shape[1], device=agree.device).expand(agree.shape[0], -1)
             # a weighted embedding_bag, not a matmul: stays float32 under autocast, like the other tables
             x = x + F.embedding_bag(rows, self.agree_embedding.weight, mode="sum", per_sample_weights=agree).view(x.shape)
@@ -629,12 +651,31 @@ class HybridLM(nn.Module):
     def _before(self, aligned: torch.Tensor | None, first: torch.Tensor | None = None) -> torch.Tensor | None:
         """aligned (B, T, K) -> each token's predecessor's (B, T, K): ``first`` (B, K) before the first
         token (the cache's last, while decoding), none (vocab_size) at a sequence's start. None
-        without map_agree (aligned is then not read; with it, aligned is never None)."""
-        if not self.cfg.map_agree:
+        without map_agree and map_gate (aligned is then not read; with either, it is never None)."""
+        if not self.cfg.reads_before:
             return None
         if first is None:
             first = torch.full_like(aligned[:, 0], self.cfg.vocab_size)
         return torch.cat([first[:, None], aligned[:, :-1]], dim=1)
+
+    def _map_counts(self, idx: torch.Tensor, before: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor | None:
+        """map_gate's evidence. idx (B, T) with :meth:`_before`'s (B, T, K) -> (B, T, 2, N_MAPS) long:
+        for each map, up to and including each token, [tokens whose id equals the cell their slot reads
+        under the map, tokens whose slot reads a cell under it], plus ``start`` (B, 2, N_MAPS) (the
+        cache's counts while decoding; zero at a sequence's start). None without map_gate."""
+        if not self.cfg.map_gate:
+            return None
+        read = before[..., -N_MAPS:]  # (B, T, N_MAPS), vocab_size where nothing is read, which no id equals
+        counts = torch.stack([idx.unsqueeze(-1) == read, read != self.cfg.vocab_size], dim=-2).long().cumsum(1)
+        return counts if start is None else counts + start[:, None]
+
+    def _gate(self, counts: torch.Tensor | None) -> torch.Tensor | None:
+        """:meth:`_map_counts`' (..., 2, N_MAPS) -> each map's weight rate ** map_gate (..., N_MAPS)
+        float32, rate = agreeing / reading (0 before any cell is read under the map)."""
+        if counts is None:
+            return None
+        rate = counts[..., 0, :].float() / counts[..., 1, :].clamp(min=1).float()
+        return rate.pow(self.cfg.map_gate)
 
     @property
     def _map_rows(self) -> torch.Tensor:
@@ -660,7 +701,8 @@ class HybridLM(nn.Module):
     def input_vectors(self, idx: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         """A batch idx (B, T) with channels pos (B, T, N_POS) or None -> the first layer's input (B, T, C)."""
         aligned = self.aligned_ids(idx, pos) if pos is not None else None  # (B, T, K)
-        return self.embed(idx, pos, aligned, self._before(aligned))
+        before = self._before(aligned)
+        return self.embed(idx, pos, aligned, before, self._gate(self._map_counts(idx, before)))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, pos: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -761,9 +803,12 @@ class HybridLM(nn.Module):
         tokens = None
         if self.cfg.align_channels:  # the align channels look back at earlier ids while decoding
             tokens = torch.zeros(batch, capacity, dtype=torch.long, device=device)
-        last = None  # with map_agree: the last token's aligned ids, what the next token's slot reads
-        if self.cfg.map_agree:
+        last = None  # with map_agree / map_gate: the last token's aligned ids, what the next token's slot reads
+        if self.cfg.reads_before:
             last = torch.zeros(batch, len(self.cfg.align_channels), dtype=torch.long, device=device)
+        counts = None  # with map_gate: its counts over each whole prompt
+        if self.cfg.map_gate:
+            counts = torch.zeros(batch, 2, N_MAPS, dtype=torch.long, device=device)
         pieces = []  # (rows of one length, at most about PREFILL_TOKENS tokens together)
         for length in sorted(set(lengths.tolist())):
             same = torch.nonzero(lengths == length).squeeze(1)  # batch positions of this length
@@ -784,7 +829,9 @@ class HybridLM(nn.Module):
             if last is not None:  # the ids the last token's align channels point at
                 at = torch.full((len(rows), 1), length - 1, device=device)
                 last[rows] = self._look_back(idx, at, pos[:, -1:, self.cfg.align_channels])[:, 0]
-        return InferenceCache(layers, lengths, capacity, tokens, last), logits
+            if counts is not None:  # the prompt's last counts (input_vectors computed them too: a few ops)
+                counts[rows] = self._map_counts(idx, self._before(self.aligned_ids(idx, pos)))[:, -1]
+        return InferenceCache(layers, lengths, capacity, tokens, last, map_counts=counts), logits
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, cache: InferenceCache, pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -807,7 +854,11 @@ class HybridLM(nn.Module):
             rows = torch.arange(cache.batch_size, device=tokens.device)
             cache.tokens[rows, cache.lengths] = tokens
             aligned = self._look_back(cache.tokens, cache.lengths, pos[:, self.cfg.align_channels])  # (B, K)
-        x = self.embed(tokens, pos, aligned, cache.last_aligned)  # (B, C)
+        counts = None
+        if cache.map_counts is not None:  # (B, 2, N_MAPS) with this token's
+            counts = self._map_counts(tokens[:, None], cache.last_aligned[:, None], cache.map_counts)[:, 0]
+            cache.map_counts = counts
+        x = self.embed(tokens, pos, aligned, cache.last_aligned, self._gate(counts))  # (B, C)
         if cache.last_aligned is not None:
             cache.last_aligned = aligned
         for block, state in zip(self.layers, cache.layers):
@@ -838,9 +889,13 @@ class HybridLM(nn.Module):
             where = cache.lengths[:, None] + torch.arange(t, device=tokens.device)  # (B, T)
             cache.tokens[rows, where] = tokens
             aligned = self._look_back(cache.tokens, where, pos[..., self.cfg.align_channels])  # (B, T, K)
-        x = self.embed(tokens, pos, aligned, self._before(aligned, cache.last_aligned))
+        before = self._before(aligned, cache.last_aligned)
+        counts = None if cache.map_counts is None else self._map_counts(tokens, before, cache.map_counts)
+        x = self.embed(tokens, pos, aligned, before, self._gate(counts))
         if cache.last_aligned is not None:
             cache.extended_aligned = aligned  # commit keeps the last kept token's
+        if counts is not None:
+            cache.extended_counts = counts  # (B, T, 2, N_MAPS), likewise
         pending = []
         for block, state in zip(self.layers, cache.layers):
             x, p = block.extend(x, state, cache.lengths, pos, used=longest + t)
@@ -853,9 +908,11 @@ class HybridLM(nn.Module):
         for p, state in zip(pending, cache.layers):
             if p is not None:
                 p.commit(state, last)
+        rows = torch.arange(cache.batch_size, device=last.device)
         if cache.last_aligned is not None:
-            rows = torch.arange(cache.batch_size, device=last.device)
             cache.last_aligned, cache.extended_aligned = cache.extended_aligned[rows, last], None
+        if cache.map_counts is not None:
+            cache.map_counts, cache.extended_counts = cache.extended_counts[rows, last], None
         cache.lengths = cache.lengths + last + 1
 
     def _next_logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,15 @@ from arc.tokens import (EOO, MAX_GRID_TOKENS, MIN_ANSWER_TOKENS, NO_GRID_POS, PA
                         decode_grid, encode_prompt, grid_tokens)
 
 
+# Why SolveConfig refuses compile=True (measured with bench/bench_decode.py solve --compile).
+COMPILE_REFUSED = (
+    "--compile: decoding is not compiled, because it does not pay: on a 2-core CPU, 24 ARC-AGI-1 tasks with 8 views "
+    "took 1.04-1.05x less time compiled once the compiling was done (every block's step and extend, or the model's "
+    "whole), but the compiling took 44-248 s in the same run (0.89x / 0.48x end to end); a decoding step is bound by "
+    "reading the attention layers' KV caches, which compiling does not change (docs/BENCHMARKS.md section 21; not "
+    "measured on a GPU). --ttt_compile true compiles test-time training, where it pays on long runs")
+
+
 @dataclass(frozen=True)
 class SolveConfig:
     views: int = help_field(8, "views voted over per test input: 1 = the original only, 8 = all rotations/reflections, "
@@ -76,6 +85,8 @@ class SolveConfig:
     search_rows: int = help_field(16, "--search: partial grids explored at once per view (caps its cost)")
     score_max: int = help_field(64, "--select product/both: distinct grids scored per test input (the most voted first; "
                                     "64 = every grid a --search with the default --search_max finds under 8 views)")
+    compile: bool = help_field(False, "torch.compile the decoding steps: refused, it does not pay (docs/BENCHMARKS.md "
+                                      "section 21); --ttt_compile true compiles test-time training")
 
     def tasks_together(self, adapting: bool = False) -> int:
         """Tasks solved in one :func:`solve_group` call: ``group``, but one at a time with test-time
@@ -109,6 +120,8 @@ class SolveConfig:
         for name in ("search_max", "search_rows", "score_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.compile:
+            raise ValueError(COMPILE_REFUSED)
 
 
 @dataclass

@@ -3,7 +3,8 @@ time of solving ARC-AGI-1 evaluation tasks with 8 views.
 
     python bench/bench_decode.py cache [--prompts 512,2048,3072] [--new 32] [--md docs/BENCHMARKS.md]
     python bench/bench_decode.py solve --ckpt runs/cpu [--limit 20] [--views 8] [--dtypes float32,bfloat16]
-                                       [--groups 1,8] [--batches 16,64] [--drafts 0,16] [--pieces 0,2048] [--md ...]
+                                       [--groups 1,8] [--batches 16,64] [--drafts 0,16] [--pieces 0,2048]
+                                       [--compile none,blocks,model] [--md ...]
 
 cache  greedy constrained decoding of --new tokens after a prompt of each length, with the model's
        cache (prefill once, one step per token; arc.solve.decode) and without it (the whole
@@ -14,8 +15,11 @@ solve  eval.py's solver on the first --limit ARC-AGI-1 evaluation tasks with --v
        per task, extrapolated to all 400 tasks (stated as such). The arms are every combination of
        --dtypes (decoding's autocast dtype), --groups (tasks whose prompts share decoding batches),
        --batches (prompts a batch), --drafts (tokens guessed and checked at once, speculative
-       decoding; 0 = one token a step) and --pieces (the prefill's tokens at a time on a CPU,
-       arc.model.PREFILL_TOKENS; 0 = no split); every chunk of tasks is solved by each arm in turn, in the
+       decoding; 0 = one token a step), --pieces (the prefill's tokens at a time on a CPU,
+       arc.model.PREFILL_TOKENS; 0 = no split) and --compile (torch.compile of the decoding calls,
+       every dim dynamic: `blocks` each block's step and extend, `model` the model's step and extend
+       whole; the seconds torch spends compiling are counted per arm, warm-up and timed tasks
+       apart, since a new shape can recompile); every chunk of tasks is solved by each arm in turn, in the
        same process after one untimed warm-up task per arm, so a shared machine's load falls on all
        of them alike; each arm's speed-up and how many attempt grids equal the first arm's follow.
 """
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 
 from common import emit, header
+from arc.compiling import compile_seconds
 from arc.data import load_tasks
 from arc.evaluate import load_model
 from arc.loss import resolve_dtype
@@ -75,31 +80,71 @@ def cmd_cache(args) -> str:
     return "\n".join(lines)
 
 
+COMPILES = ("none", "blocks", "model")
+
+
+def decoding_calls(model: HybridLM, how: str) -> dict:
+    """The functions the decoder calls for ``how`` (one of COMPILES): (owner, name) -> function, the
+    eager methods for "none", their torch.compile wrappers (every dim dynamic, as on a CPU in
+    arc.compiling) otherwise. :func:`use_calls` puts them in place."""
+    if how == "none":  # None: the class's method, no instance attribute
+        return {(o, name): None for o in [model, *model.layers] for name in ("step", "extend")}
+    owners = list(model.layers) if how == "blocks" else [model]
+    return {(o, name): torch.compile(getattr(type(o), name).__get__(o), dynamic=True)
+            for o in owners for name in ("step", "extend")}
+
+
+def use_calls(calls: dict) -> None:
+    """Set (or, for None, remove) instance attributes that shadow the decoding methods."""
+    for (owner, name), f in calls.items():
+        if f is None:
+            owner.__dict__.pop(name, None)
+        else:
+            owner.__dict__[name] = f
+
+
 def cmd_solve(args) -> str:
     device = torch.device(args.device)
     model, ckpt = load_model(args.ckpt, device)
     tasks = load_tasks("arc1", "eval")[: args.limit]
     head = header(f"python bench/bench_decode.py solve --ckpt {args.ckpt} --limit {args.limit} --views {args.views} "
                   f"--dtypes {args.dtypes} --groups {args.groups} --batches {args.batches} --drafts {args.drafts}"
-                  + (f" --pieces {args.pieces}" if args.pieces else ""))  # its load average: the start's
+                  + (f" --pieces {args.pieces}" if args.pieces else "")
+                  + (f" --compile {args.compile}" if args.compile != "none" else ""))  # its load average: the start's
     arms = {}  # name -> SolveConfig, the Cartesian product of the lists, the first is the base
     pieces = {}  # name -> the prefill's tokens at a time (arc.model.PREFILL_TOKENS) for that arm
+    compiles = {}  # name -> how its decoding calls are compiled (COMPILES)
+    how_list = [x.strip() for x in args.compile.split(",") if x.strip()]
+    for how in how_list:
+        if how not in COMPILES:
+            raise SystemExit(f"bench_decode.py: --compile takes {', '.join(COMPILES)}, got {how!r}")
     for d in [x.strip() for x in args.dtypes.split(",") if x.strip()]:
         for g in [int(x) for x in args.groups.split(",") if x.strip()]:
             for b in [int(x) for x in args.batches.split(",") if x.strip()]:
                 for k in [int(x) for x in args.drafts.split(",") if x.strip()]:
                     for piece in [int(x) for x in (args.pieces or str(model_module.PREFILL_TOKENS)).split(",") if x.strip()]:
-                        name = d if resolve_dtype(d, device) == d else f"{d} ({resolve_dtype(d, device)})"
-                        name = f"{name}, group {g}, batch {b}, draft {k}" + (f", prefill {piece or 'whole'}" if args.pieces else "")
-                        arms[name] = SolveConfig(views=args.views, dtype=d, group=g, batch=b, draft=k)  # validates
-                        pieces[name] = piece or 1 << 62
+                        for how in how_list:
+                            name = d if resolve_dtype(d, device) == d else f"{d} ({resolve_dtype(d, device)})"
+                            name = (f"{name}, group {g}, batch {b}, draft {k}" + (f", prefill {piece or 'whole'}" if args.pieces else "")
+                                    + (f", compiled {how}" if len(how_list) > 1 or how != "none" else ""))
+                            arms[name] = SolveConfig(views=args.views, dtype=d, group=g, batch=b, draft=k)  # validates
+                            pieces[name] = piece or 1 << 62
+                            compiles[name] = how
+    calls = {how: decoding_calls(model, how) for how in set(compiles.values())}  # one set of wrappers per kind, kept
+    compiling = {a: [0.0, 0.0] for a in arms}  # seconds torch spent compiling in each arm: warm-up, timed tasks
 
-    def solve(a: str, chunk_tasks: list) -> list:
+    def solve(a: str, chunk_tasks: list, timed: bool = True) -> list:
         model_module.PREFILL_TOKENS = pieces[a]
-        return solve_tasks(model, chunk_tasks, arms[a], device=device, progress=False)
+        use_calls(calls[compiles[a]])
+        before = compile_seconds()
+        try:
+            return solve_tasks(model, chunk_tasks, arms[a], device=device, progress=False)
+        finally:
+            compiling[a][timed] += compile_seconds() - before
+            use_calls(decoding_calls(model, "none"))
 
-    for a in arms:  # first calls pay for thread pools, allocations and the bf16 probe
-        solve(a, tasks[:1])
+    for a in arms:  # first calls pay for thread pools, allocations, the bf16 probe and the first compile
+        solve(a, tasks[:1], timed=False)
     seconds = {a: 0.0 for a in arms}
     preds: dict[str, list] = {a: [] for a in arms}
     chunk = max(cfg.group for cfg in arms.values())  # every arm solves the same chunk of tasks in turn
@@ -116,7 +161,10 @@ def cmd_solve(args) -> str:
     base = next(iter(arms))
     lines = [head,
              f"Checkpoint `{ckpt['path']}` ({model.num_params() / 1e6:.2f}M parameters) on {device}; "
-             f"{len(tasks)} tasks, {args.views} views, every arm timed on the same tasks in turn ({chunk} at a time).", "",
+             f"{len(tasks)} tasks, {args.views} views, every arm timed on the same tasks in turn ({chunk} at a time)."
+             + ("" if set(compiles.values()) == {"none"} else
+                " Compiled arms: torch's own compile seconds (arc.compiling.compile_seconds, an upper bound) in the untimed "
+                "warm-up task and inside the timed tasks; the wall time includes the latter."), "",
              f"| arm (dtype, tasks decoded together, prompts a batch, tokens guessed at once"
              f"{', prefill tokens at a time' if args.pieces else ''}) | wall time | s/task | generated tokens/s | speed-up vs "
              f"the first | attempts identical to the first's | tasks solved | all 400 tasks (extrapolated) |",
@@ -127,6 +175,13 @@ def cmd_solve(args) -> str:
         solved = sum(all(c is True for c in p.correct) for p in preds[a])
         lines.append(f"| {a} | {dt:.0f} s | {dt / len(tasks):.1f} | {tokens / dt:,.0f} | **{seconds[base] / dt:.2f}x** | "
                      f"{same}/{len(attempts(base))} | {solved}/{len(tasks)} | ~{dt / len(tasks) * 400 / 60:.0f} min |")
+    for a in arms:
+        if compiles[a] != "none":
+            warm, timed = compiling[a]
+            rest = seconds[a] - timed  # compile_seconds is an upper bound: it may leave nothing to divide by
+            after = f"{rest:.0f} s, **{seconds[base] / rest:.2f}x** the first arm" if rest > 0 else "not measurable"
+            lines.append(f"\n{a}: compiling {warm:.0f} s in the warm-up task and {timed:.0f} s inside the timed tasks; "
+                         f"the timed tasks without the latter: {after}.")
     for a in list(arms)[1:]:  # where the attempts differ: which, and the votes behind them in each arm
         for p, q in zip(preds[base], preds[a]):
             for i, (x, y) in enumerate(zip(p.tests, q.tests)):
@@ -158,6 +213,8 @@ def main() -> None:
                    "CPU only: on a GPU the prefill never splits, so the arms are the same")
     s.add_argument("--drafts", default=str(SolveConfig.draft), help="tokens guessed and checked at once (SolveConfig.draft; "
                    "0 = one token a step), comma-separated")
+    s.add_argument("--compile", default="none", help="decoding calls compiled, comma-separated: none, blocks (every "
+                   "block's step and extend), model (the model's step and extend)")
     for x in (c, s):
         x.add_argument("--md", default=None, help="append the markdown result to this file")
     args = p.parse_args()

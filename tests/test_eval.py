@@ -311,6 +311,27 @@ def test_a_journal_from_before_a_setting_continues_with_its_old_behaviour(small,
     assert solved == ["task03", "task04"]
 
 
+def test_compile_is_refused_with_the_measurement_and_old_journals_continue(small, tmp_path, monkeypatch, capsys):
+    """eval.py --compile true: refused (decoding compiled does not pay), the message says why and
+    where the figures are, nothing is written. A journal written before the flag existed (no
+    "compile" in its key) continues with the same command."""
+    ckpt, tasks = small
+    out = tmp_path / "o"
+    assert eval_cli.main(eval_args(ckpt, tasks, out, "--compile", "true")) == 2
+    err = capsys.readouterr().err
+    assert "--compile: decoding is not compiled" in err and "BENCHMARKS.md section 21" in err and "--ttt_compile" in err
+    assert not out.exists()
+    assert eval_cli.main(eval_args(ckpt, tasks, out)) == 0
+    lines = (out / JOURNAL).read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["key"]["solve"].pop("compile") is False
+    (out / JOURNAL).write_text("\n".join([json.dumps(header)] + lines[1:4]) + "\n")  # 3 of 5 tasks done
+    real, solved = evaluate.solve_tasks, []
+    monkeypatch.setattr(evaluate, "solve_tasks", lambda model, batch, *a, **k: solved.extend(t.id for t in batch) or real(model, batch, *a, **k))
+    assert eval_cli.main(eval_args(ckpt, tasks, out)) == 0
+    assert solved == ["task03", "task04"]
+
+
 def test_a_ttt_journal_from_before_ttt_compile_continues(small, tmp_path, monkeypatch, capsys):
     """A journal written before --ttt_compile (eager fine-tuning) lacks it in its key: the same
     command continues it; --ttt_compile true is another evaluation."""

@@ -318,15 +318,17 @@ def test_2d_options_round_trip_through_a_checkpoint_and_old_configs_keep_the_old
     from arc import checkpoint
     enc = _instances(1, seed=4)[0]
     ids, pos = torch.as_tensor(enc.ids)[None], torch.as_tensor(enc.pos)[None]
-    m = tiny(grid_pos=True, align_input=True, align_maps=True, map_agree=True, rope="grid")
+    m = tiny(grid_pos=True, align_input=True, align_maps=True, map_agree=True, map_gate=3.0, rope="grid")
     checkpoint.save_atomic({"model": m.state_dict(), "model_config": m.cfg.to_dict()}, tmp_path / "c.pt")
     saved = checkpoint.load(tmp_path / "c.pt")
     back = HybridLM(ModelConfig.from_dict(saved["model_config"])).eval()
     back.load_state_dict(saved["model"])  # strict: the new embeddings are in the state dict
-    assert (back.cfg.grid_pos, back.cfg.align_input, back.cfg.align_maps, back.cfg.map_agree, back.cfg.rope) == (True, True, True, True, "grid")
+    assert (back.cfg.grid_pos, back.cfg.align_input, back.cfg.align_maps, back.cfg.map_agree, back.cfg.map_gate,
+            back.cfg.rope) == (True, True, True, True, 3.0, "grid")
     torch.testing.assert_close(back(ids, pos=pos)[0], m(ids, pos=pos)[0], rtol=0, atol=0)
     # a config written before these fields existed builds the model it described: no new parameters
-    old = {k: v for k, v in tiny().cfg.to_dict().items() if k not in ("grid_pos", "align_input", "align_maps", "map_agree", "rope")}
+    old = {k: v for k, v in tiny().cfg.to_dict().items()
+           if k not in ("grid_pos", "align_input", "align_maps", "map_agree", "map_gate", "rope")}
     plain = HybridLM(ModelConfig.from_dict(old))
     assert not plain.cfg.uses_positions
     assert plain.state_dict().keys() == tiny().state_dict().keys()
@@ -384,7 +386,9 @@ def _instances(n: int, seed: int):
 @pytest.mark.parametrize("options", [dict(grid_pos=True), dict(align_input=True), dict(rope="grid"),
                                      dict(grid_pos=True, align_input=True, rope="mirror"), dict(rope="dihedral"),
                                      dict(align_maps=True), dict(grid_pos=True, align_input=True, align_maps=True, rope="mirror"),
-                                     dict(align_input=True, align_maps=True, map_agree=True)])
+                                     dict(align_input=True, align_maps=True, map_agree=True),
+                                     dict(align_input=True, align_maps=True, map_agree=True, map_gate=4.0),
+                                     dict(align_maps=True, map_gate=1.0)])
 @pytest.mark.parametrize("piece", [1, 10**6])
 def test_prefill_then_steps_equal_full_forward_with_2d_positions(options, piece, monkeypatch):
     from arc.tokens import OUT
@@ -413,7 +417,9 @@ def test_prefill_then_steps_equal_full_forward_with_2d_positions(options, piece,
 
 @pytest.mark.parametrize("options", [dict(), dict(grid_pos=True, align_input=True, rope="mirror"),
                                      dict(rope="dihedral"), dict(align_input=True, align_maps=True),
-                                     dict(align_input=True, align_maps=True, map_agree=True)])
+                                     dict(align_input=True, align_maps=True, map_agree=True),
+                                     dict(align_input=True, align_maps=True, map_agree=True, map_gate=4.0),
+                                     dict(align_maps=True, map_gate=1.0)])
 @pytest.mark.parametrize("fused", [True, False])
 def test_extend_then_commit_equals_steps_for_any_number_of_kept_tokens(options, fused, monkeypatch):
     """Speculative decoding's verification: T tokens per sequence in one extend give the logits of T
@@ -444,9 +450,12 @@ def test_extend_then_commit_equals_steps_for_any_number_of_kept_tokens(options, 
     kept = torch.tensor([0, t - 1, 1, 2])  # the last kept token's index, per sequence
     m.commit(cache, pending, kept)
     assert cache.lengths.tolist() == [c + k + 1 for c, k in zip(cuts, kept.tolist())]
-    if m.cfg.map_agree:  # the cells the next token's slot reads: those of each sequence's last kept token
+    if m.cfg.reads_before:  # the cells the next token's slot reads: those of each sequence's last kept token
         for i, ((ids, p), c, k) in enumerate(zip(full, cuts, kept.tolist())):
-            assert torch.equal(cache.last_aligned[i], m.aligned_ids(ids[None], p[None])[0, c + k])
+            aligned = m.aligned_ids(ids[None], p[None])
+            assert torch.equal(cache.last_aligned[i], aligned[0, c + k])
+            if m.cfg.map_gate:  # and map_gate's counts up to that token
+                assert torch.equal(cache.map_counts[i], m._map_counts(ids[None], m._before(aligned))[0, c + k])
     for step in range(2):  # each sequence goes on from its own last kept token
         at = [c + k + 1 + step for c, k in zip(cuts, kept.tolist())]
         tok = torch.stack([ids[a] for (ids, _), a in zip(full, at)])
@@ -659,6 +668,82 @@ def test_map_agree_marks_exactly_the_maps_each_output_cell_agrees_with():
                     expected[t, j] = float(0 <= sr < h and 0 <= sc < w and inp[sr, sc] == out[r, c])
         assert expected[:, 1 + k].sum() == sum(o.size for _, o in pairs)  # every output cell agrees with its map
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("power, agree_rows", [(1.0, False), (3.0, False), (2.0, True)])
+def test_map_gate_scales_each_map_by_its_agreement_so_far(power, agree_rows):
+    """With map_gate, map k's embedding at token t is scaled by (a / r) ** map_gate, r = the tokens up
+    to t whose slot reads an input cell under map k, a = those among them whose id is that cell's
+    colour: checked against the grids, with the cursor walked by hand (after OUT the cell (0, 0),
+    after cell (r, c) the cell (r, c+1), after the ROW ending row r the cell (r+1, 0)). With map_agree
+    too, its rows of the maps are scaled the same way and the identity's row is not."""
+    from arc.tokens import IN, MAPS, OUT, POS_COL, POS_ROW, ROW, encode_instance, map_cells
+    m = tiny(align_input=True, align_maps=True, map_agree=agree_rows, map_gate=power)
+    v, n = m.cfg.vocab_size, len(MAPS)
+    with torch.no_grad():
+        for table in (m.embedding, m.align_embedding, m.map_embedding):
+            table.weight.zero_()
+        for k in range(len(MAPS)):  # map k's rows of a read cell -> unit vector k ("nothing read" stays 0)
+            m.map_embedding.weight[k * (v + 1): k * (v + 1) + v, k] = 1.0
+        if agree_rows:  # agreement row j (the identity, then the maps) -> unit vector n + j
+            m.agree_embedding.weight.zero_()
+            m.agree_embedding.weight[:, n:2 * n + 1] = torch.eye(1 + n)
+    rng = np.random.default_rng(11)
+    for name in ("flip_h", "rot90", "transpose"):
+        k = MAPS.index(name)
+        pairs = []
+        for j in range(3):
+            h, w = (int(x) for x in rng.integers(2, 6, 2))
+            inp = rng.integers(0, 3, (h, w))
+            oh, ow = (w, h) if name in ("rot90", "transpose") else (h, w)
+            out = np.array([[inp[map_cells(r, c, h, w)[k]] for c in range(ow)] for r in range(oh)])
+            if j == 1:  # one demonstration not the map (another shape too): the rates drop below 1
+                out = rng.integers(0, 3, (int(rng.integers(1, 6)), int(rng.integers(1, 6))))
+            pairs.append((inp, out))
+        enc = encode_instance(pairs[:2], *pairs[2])
+        ids, pos = torch.as_tensor(enc.ids), torch.as_tensor(enc.pos)
+        got = m.input_vectors(ids[None], pos[None])[0, :, :2 * n + 1].detach()  # (L, maps, then agreement rows)
+        expected = torch.zeros_like(got)
+        agree, read = np.zeros(len(MAPS)), np.zeros(len(MAPS))
+        pair, cursor = -1, None  # cursor: the output cell the current token's slot is
+        for t in range(len(ids)):
+            tok = int(ids[t])
+            pair += tok == IN
+            inp = pairs[pair][0]
+            h, w = inp.shape
+            hit = np.zeros(1 + n)  # does this token equal the cell its slot reads: the identity, then each map
+            if cursor is not None:
+                for j, (sr, sc) in enumerate([cursor] + map_cells(*cursor, h, w)):
+                    if 0 <= sr < h and 0 <= sc < w:
+                        hit[j] = tok == inp[sr, sc]
+                        if j:
+                            read[j - 1] += 1
+                            agree[j - 1] += hit[j]
+            gate = (agree / np.maximum(read, 1)) ** power
+            if agree_rows:
+                expected[t, n] = float(hit[0])
+                expected[t, n + 1:] = torch.tensor(hit[1:] * gate, dtype=expected.dtype)
+            r, c = int(pos[t, POS_ROW]), int(pos[t, POS_COL])
+            after = (0, 0) if tok == OUT else (r + 1, 0) if tok == ROW and cursor is not None \
+                else (r, c + 1) if tok < 10 and cursor is not None else None
+            for j, (sr, sc) in enumerate(map_cells(*after, h, w) if after is not None else []):
+                if 0 <= sr < h and 0 <= sc < w:  # this token's successor's slot reads a cell: map j is embedded
+                    expected[t, j] = float(gate[j])
+            cursor = after
+        assert expected[:, k].max() == 1.0 and 0 < expected[:, :n][expected[:, :n] > 0].min() < 1  # the map open, others part-way
+        if agree_rows:  # the identity's row at full weight where the colour stays, maps' rows part-way somewhere
+            assert expected[:, n].max() == 1.0 and 0 < expected[:, n + 1:][expected[:, n + 1:] > 0].min() < 1
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_map_gate_needs_the_maps_and_a_power():
+    with pytest.raises(ValueError, match="map_gate"):
+        ModelConfig(align_input=True, map_gate=4.0)
+    with pytest.raises(ValueError, match="map_gate"):
+        ModelConfig(align_maps=True, map_gate=-1.0)
+    with pytest.raises(ValueError, match="map_gate"):
+        ModelConfig(align_maps=True, map_gate=True)
+    assert ModelConfig(align_maps=True, map_gate=4).reads_before and not ModelConfig(align_maps=True).reads_before
 
 
 def test_map_agree_needs_the_cells_it_compares():
