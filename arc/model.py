@@ -700,9 +700,16 @@ class HybridLM(nn.Module):
 
     def input_vectors(self, idx: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         """A batch idx (B, T) with channels pos (B, T, N_POS) or None -> the first layer's input (B, T, C)."""
+        return self._inputs(idx, pos)[0]
+
+    def _inputs(self, idx: torch.Tensor, pos: torch.Tensor | None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`input_vectors` (B, T, C), with what decoding goes on from: each token's aligned ids
+        (B, T, K) (None without align channels) and map_gate's counts (B, T, 2, N_MAPS) (None without it)."""
         aligned = self.aligned_ids(idx, pos) if pos is not None else None  # (B, T, K)
         before = self._before(aligned)
-        return self.embed(idx, pos, aligned, before, self._gate(self._map_counts(idx, before)))
+        counts = self._map_counts(idx, before)
+        return self.embed(idx, pos, aligned, before, self._gate(counts)), aligned, counts
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, pos: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -817,7 +824,7 @@ class HybridLM(nn.Module):
             length = len(prompts[int(rows[0])])
             idx = torch.stack([prompts[i] for i in rows.tolist()])  # (G, L)
             pos = torch.stack([positions[i] for i in rows.tolist()]) if self.cfg.uses_positions else None  # (G, L, N_POS)
-            x = self.input_vectors(idx, pos)  # (G, L, C)
+            x, aligned, prompt_counts = self._inputs(idx, pos)  # (G, L, C), (G, L, K), (G, L, 2, N_MAPS)
             for li, block in enumerate(self.layers):
                 x, state = block(x, return_state=True, pos=pos)
                 if layers[li] is None:  # allocate the batched state on first sight of its dtype
@@ -827,10 +834,9 @@ class HybridLM(nn.Module):
             if tokens is not None:
                 tokens[rows, :length] = idx
             if last is not None:  # the ids the last token's align channels point at
-                at = torch.full((len(rows), 1), length - 1, device=device)
-                last[rows] = self._look_back(idx, at, pos[:, -1:, self.cfg.align_channels])[:, 0]
-            if counts is not None:  # the prompt's last counts (input_vectors computed them too: a few ops)
-                counts[rows] = self._map_counts(idx, self._before(self.aligned_ids(idx, pos)))[:, -1]
+                last[rows] = aligned[:, -1]
+            if counts is not None:  # map_gate's counts over the whole prompt
+                counts[rows] = prompt_counts[:, -1]
         return InferenceCache(layers, lengths, capacity, tokens, last, map_counts=counts), logits
 
     @torch.no_grad()

@@ -26,6 +26,7 @@ solve  eval.py's solver on the first --limit ARC-AGI-1 evaluation tasks with --v
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import numpy as np
@@ -118,18 +119,18 @@ def cmd_solve(args) -> str:
     for how in how_list:
         if how not in COMPILES:
             raise SystemExit(f"bench_decode.py: --compile takes {', '.join(COMPILES)}, got {how!r}")
-    for d in [x.strip() for x in args.dtypes.split(",") if x.strip()]:
-        for g in [int(x) for x in args.groups.split(",") if x.strip()]:
-            for b in [int(x) for x in args.batches.split(",") if x.strip()]:
-                for k in [int(x) for x in args.drafts.split(",") if x.strip()]:
-                    for piece in [int(x) for x in (args.pieces or str(model_module.PREFILL_TOKENS)).split(",") if x.strip()]:
-                        for how in how_list:
-                            name = d if resolve_dtype(d, device) == d else f"{d} ({resolve_dtype(d, device)})"
-                            name = (f"{name}, group {g}, batch {b}, draft {k}" + (f", prefill {piece or 'whole'}" if args.pieces else "")
-                                    + (f", compiled {how}" if len(how_list) > 1 or how != "none" else ""))
-                            arms[name] = SolveConfig(views=args.views, dtype=d, group=g, batch=b, draft=k)  # validates
-                            pieces[name] = piece or 1 << 62
-                            compiles[name] = how
+    def ints(text: str) -> list[int]:
+        return [int(x) for x in text.split(",") if x.strip()]
+
+    for d, g, b, k, piece, how in itertools.product(
+            [x.strip() for x in args.dtypes.split(",") if x.strip()], ints(args.groups), ints(args.batches),
+            ints(args.drafts), ints(args.pieces or str(model_module.PREFILL_TOKENS)), how_list):
+        name = d if resolve_dtype(d, device) == d else f"{d} ({resolve_dtype(d, device)})"
+        name = (f"{name}, group {g}, batch {b}, draft {k}" + (f", prefill {piece or 'whole'}" if args.pieces else "")
+                + (f", compiled {how}" if len(how_list) > 1 or how != "none" else ""))
+        arms[name] = SolveConfig(views=args.views, dtype=d, group=g, batch=b, draft=k)  # validates
+        pieces[name] = piece or 1 << 62
+        compiles[name] = how
     calls = {how: decoding_calls(model, how) for how in set(compiles.values())}  # one set of wrappers per kind, kept
     compiling = {a: [0.0, 0.0] for a in arms}  # seconds torch spent compiling in each arm: warm-up, timed tasks
 
