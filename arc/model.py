@@ -26,9 +26,11 @@ from arc.config import help_field
 from arc.mamba2 import Mamba2, MambaPending, MambaPendingFused, MambaState, init_A_log, init_dt_bias
 from arc.loss import mean_loss
 from arc.tokens import (BLOCK_SIZE, KIND_INPUT, N_KINDS, N_MAPS, N_POS, POS_ALIGN, POS_COL, POS_KIND, POS_MAPS, POS_MCOL,
-                        POS_MROW, POS_ROW, POS_SIZE, VOCAB_SIZE)
+                        POS_MROW, POS_ROW, POS_SIZE, VOCAB_SIZE, column_order)
 
 MAMBA, ATTENTION = "M", "A"
+ROWS, COLUMNS = "r", "c"  # mamba_scan's letters
+SCANS = (ROWS, COLUMNS)
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -77,6 +79,7 @@ class ModelConfig:
     align_maps: bool = help_field(False, "also add embeddings of the input cells that slot reads under each of the 7 other rotations and reflections of the input grid (arc.tokens POS_MAPS)")
     map_agree: bool = help_field(False, "also add, for each output cell, an embedding of which of the 8 rotations and reflections (the identity and align_maps' 7) it agrees with: its colour equals the input cell its own slot reads under that map (the evidence of which map a demonstration shows; needs align_input and align_maps; docs/BENCHMARKS.md section 20: the five maps learnt by 2M, but colour_map and ARC learn slower with it)")
     map_gate: float = help_field(0.0, "with align_maps: scale each map's embedding (and, with map_agree, its agreement row) by rate ** map_gate, rate = the share of the sequence's cells so far, up to this token, that agree with the map (the colour equals the cell the token's slot reads under it), among those whose slot reads a cell under it: the demonstrations open the map they show and keep the others out of the residual stream; 0 = off (docs/BENCHMARKS.md section 21)")
+    mamba_scan: str = help_field("r", "the order each Mamba2 layer reads the sequence in, one letter per Mamba2 layer (cycled over them): r = as written (row by row); c = every input grid column by column, top to bottom, its ROW tokens as a last column, everything else as written (a column's cells then reach the scan state together; input grids are whole before any output token, so an output token still sees only its past; docs/BENCHMARKS.md section 22: no gain on gravity or the suite at 2-8M tokens, so the presets keep r)")
     rope: Literal["seq", "grid", "mirror", "dihedral"] = help_field("seq", "attention rotary positions: seq = sequence index; grid = half the head dims by sequence index, a quarter by row, a quarter by column; mirror = half by sequence index, an eighth each by row, column, and the row and column counted from an input grid's far edges; dihedral = mirror in half the heads, and in the other half the same with every input grid transposed (so rotations and transpositions are fixed offsets too)")
 
     def __post_init__(self) -> None:
@@ -100,6 +103,8 @@ class ModelConfig:
              "map_gate", "must be a number >= 0 (0 = off)")
         need(not self.map_gate or self.align_maps, "map_gate", "needs align_maps=True (it scales the maps' embeddings)")
         need(self.rope in ROPE_GROUPS, "rope", f"must be one of {sorted(ROPE_GROUPS)}")
+        need(isinstance(self.mamba_scan, str) and len(self.mamba_scan) > 0 and set(self.mamba_scan) <= set(SCANS),
+             "mamba_scan", f"must be a non-empty string of {' and '.join(map(repr, SCANS))}")
         need(isinstance(self.layer_pattern, str) and len(self.layer_pattern) > 0
              and set(self.layer_pattern) <= {MAMBA, ATTENTION}, "layer_pattern", "must be a non-empty string of 'M' and 'A'")
         need(self.n_layer % len(self.layer_pattern) == 0, "layer_pattern",
@@ -128,7 +133,13 @@ class ModelConfig:
     @property
     def uses_positions(self) -> bool:
         """True when the model needs the 2D position channels of arc.tokens with its ids."""
-        return self.grid_pos or self.align_input or self.align_maps or self.rope != "seq"
+        return self.grid_pos or self.align_input or self.align_maps or self.rope != "seq" or COLUMNS in self.mamba_scan
+
+    @property
+    def column_scans(self) -> list[bool]:
+        """One flag per layer: True for a Mamba2 layer that reads input grids column by column."""
+        scans = iter(self.mamba_scan * self.n_layer)  # at most n_layer Mamba2 layers
+        return [kind == MAMBA and next(scans) == COLUMNS for kind in self.layer_kinds]
 
     @property
     def align_channels(self) -> list[int]:
@@ -406,6 +417,7 @@ class Block(nn.Module):
     def __init__(self, kind: str, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.kind = kind
+        self.columns = cfg.column_scans[layer_idx]  # a Mamba2 layer reading input grids column by column
         self.norm = RMSNorm(cfg.d_model)
         if kind == MAMBA:
             self.mixer: nn.Module = Mamba2(cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
@@ -419,10 +431,16 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, return_state: bool = False, pos: torch.Tensor | None = None,
+                columns: tuple[torch.Tensor, torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, MambaState | KVCache | None]:
         """x (B, T, C) float32, 2D channels pos (B, T, N_POS) or None (attention's grid rotary reads
-        them) -> (x (B, T, C) float32, the mixer's decoding state or None)."""
-        if self.kind == MAMBA:
+        them), ``columns`` = :func:`arc.tokens.column_order` of pos (read when this layer scans by
+        columns) -> (x (B, T, C) float32, the mixer's decoding state or None)."""
+        if self.kind == MAMBA and self.columns:
+            order, place = (i[..., None].expand(-1, -1, x.shape[-1]) for i in columns)  # (B, T, C) each
+            h, state = self.mixer(self.norm(x).gather(1, order), return_state=return_state)  # in scan order
+            h = h.gather(1, place)  # (B, T, C) back in sequence order
+        elif self.kind == MAMBA:
             h, state = self.mixer(self.norm(x), return_state=return_state)  # (B, T, C)
         else:
             h, state = self.mixer(self.norm(x), return_state=return_state, pos=pos)  # (B, T, C)
@@ -711,6 +729,10 @@ class HybridLM(nn.Module):
         counts = self._map_counts(idx, before)
         return self.embed(idx, pos, aligned, before, self._gate(counts)), aligned, counts
 
+    def _columns(self, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:func:`arc.tokens.column_order` of pos (B, T, N_POS) when a Mamba2 layer scans by columns, else None."""
+        return column_order(pos) if any(self.cfg.column_scans) else None
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, pos: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) long, 2D channels pos (B, T, N_POS) (required when the config uses them) ->
@@ -721,8 +743,9 @@ class HybridLM(nn.Module):
             raise ValueError(f"HybridLM.forward: sequence length {idx.shape[1]} > max_seq_len {self.cfg.max_seq_len}")
         self._check_pos(pos, tuple(idx.shape), "pos")
         x = self.drop(self.input_vectors(idx, pos))  # (B, T, C)
+        columns = self._columns(pos)
         for block in self.layers:
-            x, _ = block(x, pos=pos)
+            x, _ = block(x, pos=pos, columns=columns)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         if targets is None:
             return logits, None
@@ -825,8 +848,9 @@ class HybridLM(nn.Module):
             idx = torch.stack([prompts[i] for i in rows.tolist()])  # (G, L)
             pos = torch.stack([positions[i] for i in rows.tolist()]) if self.cfg.uses_positions else None  # (G, L, N_POS)
             x, aligned, prompt_counts = self._inputs(idx, pos)  # (G, L, C), (G, L, K), (G, L, 2, N_MAPS)
+            columns = self._columns(pos)  # a column scan's state is its state after the whole prompt in its order
             for li, block in enumerate(self.layers):
-                x, state = block(x, return_state=True, pos=pos)
+                x, state = block(x, return_state=True, pos=pos, columns=columns)
                 if layers[li] is None:  # allocate the batched state on first sight of its dtype
                     layers[li] = _empty_like_state(state, batch, capacity)
                 _put_state(layers[li], state, rows)
@@ -845,7 +869,9 @@ class HybridLM(nn.Module):
         them, and return the next-token logits (B, V) float32.
 
         Mamba2 layers cost the same per token whatever the prompt length; attention layers read the
-        sequence's filled slots. ``cache`` is advanced in place."""
+        sequence's filled slots. ``cache`` is advanced in place. Tokens fed here are read as written,
+        so under ``mamba_scan`` "c" they must not be input-grid tokens (decoding writes output grids;
+        a prompt's input grids go through :meth:`prefill`)."""
         if tokens.shape != (cache.batch_size,):
             raise ValueError(f"HybridLM.step: tokens must have shape ({cache.batch_size},), got {tuple(tokens.shape)}")
         if cache.batch_size == 0:  # every sequence was dropped by select

@@ -377,6 +377,28 @@ def layout_positions(ids: Sequence[int]) -> tuple[np.ndarray, _Parse]:
     return out, state
 
 
+def column_order(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each token goes when every input grid is read column by column (a Mamba2 layer's
+    ``mamba_scan`` "c"): position channels (B, T, N_POS) -> (order, place), both (B, T) long, with
+    ``order[b, s]`` the token read at step s and ``place[b, t]`` the step token t is read at (the
+    inverse permutation). An input grid's cells and ROW tokens, ``IN`` excluded, are read column by
+    column from the top, its ROWs as the last column (they sit in column W); every other token keeps
+    its place, and so does an input grid whose channels say it runs past the sequence's end (one cut
+    off by :func:`layout_positions` instead has its whole rows read as a grid of their own, and a row
+    not whole keeps its place). Read from the channels alone: H = POS_ROW + POS_MROW + 1,
+    W = POS_COL + POS_MCOL + 1 (for a ROW, its POS_COL)."""
+    length = pos.shape[1]
+    t = torch.arange(length, device=pos.device).expand(pos.shape[:2])  # (B, T)
+    r, c, mrow, mcol = pos[..., POS_ROW], pos[..., POS_COL], pos[..., POS_MROW], pos[..., POS_MCOL]
+    h = r + mrow + 1
+    w = torch.where(mcol == NO_POS, c, c + mcol + 1)
+    first = t - r * (w + 1) - c  # the grid's first cell
+    moves = (pos[..., POS_KIND] == KIND_INPUT) & (r != NO_POS) & (mrow >= 0) & (first + h * (w + 1) <= length)
+    place = torch.where(moves, first + c * h + r, t)
+    order = torch.empty_like(place).scatter_(1, place, t)
+    return order, place
+
+
 class LayoutTracker:
     """Output grids being written, one per sequence of a batch: the grammar of a grid (which next
     tokens keep it well formed and let it end within the tokens left) and the 2D positions of each

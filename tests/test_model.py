@@ -30,6 +30,7 @@ def tiny(**overrides) -> HybridLM:
     ("d_model", 0), ("n_layer", -1), ("layer_pattern", "MXA"), ("layer_pattern", ""), ("layer_pattern", "MMA"),
     ("headdim", 48), ("ngroups", 3), ("n_head", 3), ("dropout", 1.0), ("d_conv", 1), ("mlp_hidden", -4),
     ("chunk_size", 0), ("vocab_size", 2.5), ("tie_embeddings", "yes"), ("max_seq_len", 0),
+    ("mamba_scan", ""), ("mamba_scan", "rx"), ("mamba_scan", ["r"]),
 ])
 def test_config_validation_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"ModelConfig\.{field}\b"):
@@ -318,19 +319,19 @@ def test_2d_options_round_trip_through_a_checkpoint_and_old_configs_keep_the_old
     from arc import checkpoint
     enc = _instances(1, seed=4)[0]
     ids, pos = torch.as_tensor(enc.ids)[None], torch.as_tensor(enc.pos)[None]
-    m = tiny(grid_pos=True, align_input=True, align_maps=True, map_agree=True, map_gate=3.0, rope="grid")
+    m = tiny(grid_pos=True, align_input=True, align_maps=True, map_agree=True, map_gate=3.0, rope="grid", mamba_scan="rc")
     checkpoint.save_atomic({"model": m.state_dict(), "model_config": m.cfg.to_dict()}, tmp_path / "c.pt")
     saved = checkpoint.load(tmp_path / "c.pt")
     back = HybridLM(ModelConfig.from_dict(saved["model_config"])).eval()
     back.load_state_dict(saved["model"])  # strict: the new embeddings are in the state dict
     assert (back.cfg.grid_pos, back.cfg.align_input, back.cfg.align_maps, back.cfg.map_agree, back.cfg.map_gate,
-            back.cfg.rope) == (True, True, True, True, 3.0, "grid")
+            back.cfg.rope, back.cfg.mamba_scan) == (True, True, True, True, 3.0, "grid", "rc")
     torch.testing.assert_close(back(ids, pos=pos)[0], m(ids, pos=pos)[0], rtol=0, atol=0)
     # a config written before these fields existed builds the model it described: no new parameters
     old = {k: v for k, v in tiny().cfg.to_dict().items()
-           if k not in ("grid_pos", "align_input", "align_maps", "map_agree", "map_gate", "rope")}
+           if k not in ("grid_pos", "align_input", "align_maps", "map_agree", "map_gate", "rope", "mamba_scan")}
     plain = HybridLM(ModelConfig.from_dict(old))
-    assert not plain.cfg.uses_positions
+    assert not plain.cfg.uses_positions and plain.cfg.mamba_scan == "r"
     assert plain.state_dict().keys() == tiny().state_dict().keys()
 
 
@@ -388,7 +389,8 @@ def _instances(n: int, seed: int):
                                      dict(align_maps=True), dict(grid_pos=True, align_input=True, align_maps=True, rope="mirror"),
                                      dict(align_input=True, align_maps=True, map_agree=True),
                                      dict(align_input=True, align_maps=True, map_agree=True, map_gate=4.0),
-                                     dict(align_maps=True, map_gate=1.0)])
+                                     dict(align_maps=True, map_gate=1.0), dict(mamba_scan="c"),
+                                     dict(grid_pos=True, align_input=True, rope="mirror", mamba_scan="rc")])
 @pytest.mark.parametrize("piece", [1, 10**6])
 def test_prefill_then_steps_equal_full_forward_with_2d_positions(options, piece, monkeypatch):
     from arc.tokens import OUT
@@ -419,7 +421,8 @@ def test_prefill_then_steps_equal_full_forward_with_2d_positions(options, piece,
                                      dict(rope="dihedral"), dict(align_input=True, align_maps=True),
                                      dict(align_input=True, align_maps=True, map_agree=True),
                                      dict(align_input=True, align_maps=True, map_agree=True, map_gate=4.0),
-                                     dict(align_maps=True, map_gate=1.0)])
+                                     dict(align_maps=True, map_gate=1.0),
+                                     dict(grid_pos=True, align_input=True, rope="mirror", mamba_scan="cr")])
 @pytest.mark.parametrize("fused", [True, False])
 def test_extend_then_commit_equals_steps_for_any_number_of_kept_tokens(options, fused, monkeypatch):
     """Speculative decoding's verification: T tokens per sequence in one extend give the logits of T
@@ -633,6 +636,52 @@ def test_dihedral_rotary_makes_every_rotation_and_reflection_a_fixed_relative_of
         cell = at_zero[:, 1:]  # the 2D parts
         found.append(bool((cell.sum(dim=1) >= 2).any()))
     assert found == ([True] * 4 + [False] * 4 if rope == "mirror" else [True] * 8)
+
+
+def test_a_column_scan_is_the_row_scan_of_the_sequence_read_column_by_column():
+    """Pure Mamba2 with no position inputs: layers that scan input grids by columns give, on a
+    sequence, the logits the same weights give to that sequence reordered by column_order and
+    scanned as written, put back in place."""
+    from arc.tokens import column_order
+    cols = tiny(layer_pattern="M", n_layer=2, mamba_scan="c")
+    rows = tiny(layer_pattern="M", n_layer=2)
+    rows.load_state_dict(cols.state_dict())
+    assert cols.cfg.column_scans == [True, True] and rows.cfg.column_scans == [False, False]
+    for e in _instances(3, seed=5):
+        ids, pos = torch.as_tensor(e.ids)[None], torch.as_tensor(e.pos)[None]
+        order, place = column_order(pos)
+        assert not torch.equal(order, torch.arange(ids.shape[1])[None])  # something moves
+        want = rows(ids.gather(1, order))[0].gather(1, place[..., None].expand(-1, -1, VOCAB_SIZE))
+        torch.testing.assert_close(cols(ids, pos=pos)[0], want, rtol=0, atol=1e-5)
+    assert tiny(layer_pattern="M", n_layer=2, mamba_scan="cr").cfg.column_scans == [True, False]
+    assert tiny(mamba_scan="rc").cfg.column_scans == [False, True, False, False]  # MMAM: the Mamba2 layers cycle r, c
+
+
+def test_a_column_scan_sees_the_cell_below_and_never_an_output_token_ahead():
+    """Under mamba_scan "c", an input cell's result depends on the cell below it in the previous
+    column (read before it), not on the next cell of its row (read after it); the tokens before the
+    grid keep their logits, and so does every token before a changed output token."""
+    from arc.tokens import IN, KIND_OUTPUT, POS_KIND, encode_instance
+    grid = np.arange(12).reshape(3, 4) % 10
+    enc = encode_instance([(grid, grid[::-1])], grid, grid.T)
+    ids, pos = torch.as_tensor(enc.ids)[None], torch.as_tensor(enc.pos)[None]
+    assert enc.ids[1] == IN
+    def at(r: int, c: int) -> int:  # the first input grid's cell (r, c): after BOS, IN, and r rows of 4 + ROW
+        return 2 + r * 5 + c
+    for scan, below_matters in (("c", True), ("r", False)):
+        m = tiny(layer_pattern="M", n_layer=2, mamba_scan=scan)
+        base = m(ids, pos=pos)[0]
+        for changed, seen_at, matters in ((at(1, 0), at(0, 1), below_matters), (at(0, 2), at(0, 1), False)):
+            other = ids.clone()
+            other[0, changed] = (other[0, changed] + 1) % 10
+            logits = m(other, pos=pos)[0]
+            torch.testing.assert_close(logits[:, :2], base[:, :2], rtol=0, atol=0)  # BOS, IN
+            assert torch.allclose(logits[:, seen_at], base[:, seen_at]) != matters
+        outs = [i for i, p in enumerate(enc.pos) if p[POS_KIND] == KIND_OUTPUT and enc.ids[i] < 10]  # output cells
+        for t in (outs[0], outs[-1]):
+            other = ids.clone()
+            other[0, t] = (other[0, t] + 1) % 10
+            torch.testing.assert_close(m(other, pos=pos)[0][:, :t], base[:, :t], rtol=0, atol=0)
 
 
 def test_map_agree_marks_exactly_the_maps_each_output_cell_agrees_with():

@@ -158,7 +158,8 @@ def test_submission_has_both_attempts_for_every_test_input():
 @pytest.mark.parametrize("options", [{}, dict(grid_pos=True, align_input=True, rope="grid"),
                                      dict(grid_pos=True, align_input=True, align_maps=True, map_agree=True, rope="dihedral"),
                                      dict(grid_pos=True, align_input=True, align_maps=True, map_agree=True, map_gate=4.0,
-                                          rope="dihedral")])
+                                          rope="dihedral"),
+                                     dict(grid_pos=True, align_input=True, rope="mirror", mamba_scan="rc")])
 def test_teacher_forced_exact_is_greedy_decoding_in_one_pass(options):
     """What greedy decoding writes reads as exact under teacher forcing; any other grid does not."""
     from arc.model import HybridLM, preset

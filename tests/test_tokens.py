@@ -181,6 +181,47 @@ def test_encoder_parser_and_tracker_give_the_same_positions(demos, test_in, test
     assert bool(tracker.done[0])
 
 
+def _column_order_from_ids(ids, length: int | None = None) -> list[int]:
+    """column_order's brute-force twin, from the ids alone: each IN's tokens up to the next OUT (or
+    the end), read column by column (the ROWs as the last column) over its rows that are whole; with
+    ``length``, the order of ids[:length], where a grid that does not end before it keeps its place."""
+    ids, i = [int(t) for t in ids], 0
+    order = list(range(len(ids) if length is None else length))
+    while i < len(ids):
+        if ids[i] != tk.IN:
+            i += 1
+            continue
+        j = i + 1
+        while j < len(ids) and ids[j] != tk.OUT:
+            j += 1
+        if tk.ROW in ids[i + 1:j] and (length is None or j <= length):
+            w, h = ids[i + 1:j].index(tk.ROW), ids[i + 1:j].count(tk.ROW)
+            order[i + 1:i + 1 + h * (w + 1)] = [i + 1 + r * (w + 1) + c for c in range(w + 1) for r in range(h)]
+        i = j
+    return order
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(grids(8), grids(8)), min_size=1, max_size=4), grids(8), grids(8), st.data())
+def test_column_order_reads_every_input_grid_column_by_column(demos, test_in, test_out, data):
+    enc = tk.encode_instance(demos, test_in, test_out)
+    prompt = tk.encode_prompt(demos, test_in)
+    cut = data.draw(st.integers(1, len(enc.ids)))
+    cut_pos, _ = tk.layout_positions(enc.ids[:cut])  # the channels of ids that may end inside an input grid
+    for ids, pos in [(enc.ids, enc.pos), (prompt.ids, prompt.pos), (enc.ids[:cut], cut_pos)]:
+        order, place = tk.column_order(torch.as_tensor(pos)[None])
+        assert order[0].tolist() == _column_order_from_ids(ids)
+        assert torch.equal(place[0][order[0]], torch.arange(len(ids)))  # place inverts order
+    # the whole instance's channels cut at the same place: a grid they say runs past the end stays
+    order, _ = tk.column_order(torch.as_tensor(enc.pos[:cut])[None])
+    assert order[0].tolist() == _column_order_from_ids(enc.ids, length=cut)
+    # a batch: the prompt right-padded to the instance's length is read as when alone
+    padded = np.concatenate([prompt.pos, np.tile(tk.NO_GRID_POS, (len(enc.ids) - len(prompt.ids), 1))])
+    order, _ = tk.column_order(torch.as_tensor(np.stack([enc.pos, padded])))
+    assert order[0].tolist() == _column_order_from_ids(enc.ids)
+    assert order[1].tolist() == _column_order_from_ids(prompt.ids) + list(range(len(prompt.ids), len(enc.ids)))
+
+
 def _prompt() -> tk.Encoded:
     return tk.encode_prompt([(np.ones((3, 3), int), np.ones((2, 2), int))], np.zeros((4, 5), int))
 
