@@ -632,7 +632,8 @@ class HybridLM(nn.Module):
             return
         if pos is None:
             raise ValueError(f"HybridLM: this model takes 2D positions (grid_pos={self.cfg.grid_pos}, align_input="
-                             f"{self.cfg.align_input}, align_maps={self.cfg.align_maps}, rope={self.cfg.rope!r}): pass "
+                             f"{self.cfg.align_input}, align_maps={self.cfg.align_maps}, rope={self.cfg.rope!r}, "
+                             f"mamba_scan={self.cfg.mamba_scan!r}): pass "
                              f"{what} from arc.tokens")
         if shape and tuple(pos.shape) != (*shape, N_POS):
             raise ValueError(f"HybridLM: {what} must have shape {(*shape, N_POS)}, got {tuple(pos.shape)}")
