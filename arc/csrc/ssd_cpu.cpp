@@ -43,6 +43,18 @@ inline T sigmoid(T v) {
   return v >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
 }
 
+// SiLU's derivative, sigmoid(v) (1 + v (1 - sigmoid(v))), with 1 - sigmoid(v) = sigmoid(-v) taken from
+// the same exp rather than by subtracting: at v = +1000 the vectorised division under -ffast-math may
+// give sigmoid a last-bit error, which 1 - sigmoid turned into 6e-8 and the factor v into 6e-5.
+template <typename T>
+inline T silu_grad(T v) {
+  const T e = std::exp(-std::abs(v));
+  const T r = T(1) / (T(1) + e);
+  const T sig = v >= T(0) ? r : e * r;
+  const T rest = v >= T(0) ? e * r : r;  // 1 - sig
+  return sig * (T(1) + v * rest);
+}
+
 struct Dims {
   int64_t b, l, h, p, g, n;
 };
@@ -476,8 +488,7 @@ void conv_backward_impl(const T* X, const T* W, const T* Bias, const T* DY, T* D
             }
 #pragma omp simd
             for (int64_t c = 0; c < nc; ++c) {
-              const T sig = sigmoid(pre[c]);
-              dp[c] = dyr[c0 + c] * sig * (T(1) + pre[c] * (T(1) - sig));
+              dp[c] = dyr[c0 + c] * silu_grad(pre[c]);
             }
             for (int64_t k = 0; k < w; ++k) {
               const int64_t src = t - (w - 1) + k;
@@ -594,7 +605,7 @@ void norm_backward_impl(const T* Y, const T* Z, const T* W, const T* DO, T* DY, 
           const T du = rs * W[j] * dout[j] - k * u[c];
           const T sg = sigmoid(z[j]);
           DY[r * d + j] = du * z[j] * sg;
-          DZ[r * d + j] = du * y[j] * sg * (T(1) + z[j] * (T(1) - sg));
+          DZ[r * d + j] = du * y[j] * silu_grad(z[j]);
           dw[j] += dout[j] * u[c] * rs;
         }
       }
